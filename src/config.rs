@@ -1,0 +1,235 @@
+//! Settings: what can be configured, where it comes from, and what is valid.
+//!
+//! `config/default.toml` is compiled in, so the documented defaults and the
+//! real ones can never drift apart. On top of it come the file given with
+//! `--config`, then `DOCWORKER__SECTION__KEY` variables, then `DATABASE_URL`.
+//! Every value is checked once at start; a bad one is refused with its key.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// The documented defaults; also the reference for every key.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub worker: WorkerSettings,
+    pub retry: RetrySettings,
+    pub maintenance: MaintenanceSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub pool_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    pub concurrency: usize,
+    pub listen: bool,
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub lease_duration: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub job_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceSettings {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    pub prune_batch_size: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Settings {
+    /// Loads the layered configuration and validates it.
+    pub fn load(file: Option<&Path>) -> Result<Settings> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            if !path.exists() {
+                bail!("config file {} does not exist", path.display());
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("DOCWORKER")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            if !url.is_empty() {
+                builder = builder.set_override("database.url", url)?;
+            }
+        }
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .context("invalid configuration")?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Refuses values that would make the worker misbehave, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let w = &self.worker;
+        check(
+            (1..=1024).contains(&w.concurrency),
+            "worker.concurrency",
+            format!("must be between 1 and 1024 (got {})", w.concurrency),
+        )?;
+        check(
+            self.database.pool_size >= 4,
+            "database.pool_size",
+            format!(
+                "must be at least 4: the producer, completer, heartbeat and maintenance each need one (got {})",
+                self.database.pool_size
+            ),
+        )?;
+        check(
+            !self.database.url.trim().is_empty(),
+            "database.url",
+            "must not be empty".into(),
+        )?;
+        self.database
+            .url
+            .parse::<tokio_postgres::Config>()
+            .with_context(|| "invalid value for database.url: not a PostgreSQL connection string")?;
+        check(
+            w.poll_interval >= Duration::from_millis(10),
+            "worker.poll_interval",
+            "must be at least 10ms".into(),
+        )?;
+        check(
+            w.lease_duration >= Duration::from_secs(1),
+            "worker.lease_duration",
+            "must be at least 1s".into(),
+        )?;
+        check(
+            !w.heartbeat_interval.is_zero() && w.heartbeat_interval * 3 <= w.lease_duration,
+            "worker.heartbeat_interval",
+            format!(
+                "must be non-zero and at most a third of worker.lease_duration ({:?}), so that two missed heartbeats do not lose the lease",
+                w.lease_duration
+            ),
+        )?;
+        check(
+            !w.job_timeout.is_zero(),
+            "worker.job_timeout",
+            "must be greater than zero".into(),
+        )?;
+        check(
+            !self.retry.base_delay.is_zero() && self.retry.base_delay <= self.retry.max_delay,
+            "retry.base_delay",
+            "must be greater than zero and not above retry.max_delay".into(),
+        )?;
+        check(
+            !self.maintenance.interval.is_zero(),
+            "maintenance.interval",
+            "must be greater than zero".into(),
+        )?;
+        check(
+            (1..=100_000).contains(&self.maintenance.prune_batch_size),
+            "maintenance.prune_batch_size",
+            "must be between 1 and 100000".into(),
+        )?;
+        check(
+            tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(),
+            "log.level",
+            format!("is not a valid tracing filter: {:?}", self.log.level),
+        )?;
+        Ok(())
+    }
+}
+
+fn check(ok: bool, key: &str, why: String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        bail!("invalid value for {key}: {why}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Settings {
+        config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap()
+    }
+
+    #[test]
+    fn documented_defaults_are_valid() {
+        defaults().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let mut s = defaults();
+        s.worker.concurrency = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("worker.concurrency"), "{err}");
+
+        let mut s = defaults();
+        s.worker.heartbeat_interval = s.worker.lease_duration;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("worker.heartbeat_interval"), "{err}");
+    }
+}

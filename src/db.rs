@@ -1,0 +1,85 @@
+//! Connections to PostgreSQL: the shared pool and single dedicated sessions.
+//!
+//! Everything but the LISTEN connection goes through one deadpool pool, so a
+//! restarted server is recovered from by simply asking the pool again: closed
+//! connections are noticed and replaced on checkout.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::DatabaseSettings;
+
+/// Parses the URL and sets what every docworker session wants.
+pub fn pg_config(db: &DatabaseSettings, application_name: &str) -> Result<tokio_postgres::Config> {
+    let mut cfg: tokio_postgres::Config = db
+        .url
+        .parse()
+        .context("invalid value for database.url")?;
+    if cfg.get_application_name().is_none() {
+        cfg.application_name(application_name);
+    }
+    cfg.connect_timeout(db.connect_timeout);
+    // Half-open sockets (a server that vanished without a FIN) are found by
+    // keepalive instead of hanging forever.
+    cfg.keepalives(true);
+    cfg.keepalives_idle(Duration::from_secs(10));
+    cfg.keepalives_interval(Duration::from_secs(5));
+    cfg.keepalives_retries(3);
+    Ok(cfg)
+}
+
+/// The shared pool. Creating it does not connect.
+pub fn pool(db: &DatabaseSettings, application_name: &str) -> Result<Pool> {
+    let manager = Manager::from_config(
+        pg_config(db, application_name)?,
+        NoTls,
+        ManagerConfig {
+            // Fast: rely on the connection task noticing a closed socket.
+            // A query per checkout would cost the claim loop a round trip.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(db.pool_size)
+        .runtime(Runtime::Tokio1)
+        .timeouts(Timeouts {
+            wait: Some(db.connect_timeout * 2),
+            create: Some(db.connect_timeout),
+            recycle: Some(db.connect_timeout),
+        })
+        .build()
+        .context("building the connection pool")
+}
+
+/// One session outside the pool, with its connection driven in the background.
+pub async fn connect(db: &DatabaseSettings, application_name: &str) -> Result<Client> {
+    let cfg = pg_config(db, application_name)?;
+    let (client, connection) = cfg
+        .connect(NoTls)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL ({})", redacted(&cfg)))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Host, port and database of a config, never the password: safe to log.
+pub fn redacted(cfg: &tokio_postgres::Config) -> String {
+    let host = cfg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let dbname = cfg.get_dbname().unwrap_or("(default)");
+    format!("{host}:{port}/{dbname}")
+}

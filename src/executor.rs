@@ -1,0 +1,111 @@
+//! The executor: runs one claimed job from start to outcome.
+//!
+//! It validates the row, runs the body under the job's span with a time
+//! limit, and turns whatever ends it (return, error, timeout, stop signal)
+//! into an [`Outcome`] for the completer, or into nothing when the job is no
+//! longer ours to write (cancelled from SQL, lease lost).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use futures_util::FutureExt;
+use tracing::Instrument;
+
+use crate::completer::{Finished, Outcome};
+use crate::job::{ClaimedJob, JobError, JobSpec};
+use crate::progress::JobContext;
+use crate::running::{RunningJobs, StopReason, StopSignal};
+use crate::tasks;
+
+pub struct Executor {
+    pub pool: Pool,
+    pub worker_id: Arc<str>,
+    pub running: Arc<RunningJobs>,
+    pub job_timeout: Duration,
+    pub lease: Duration,
+}
+
+impl Executor {
+    /// Runs the job; `None` means nothing must be written for it.
+    pub async fn execute(&self, job: ClaimedJob, claimed_at: Instant) -> Option<Finished> {
+        let span = tracing::info_span!(
+            "job",
+            id = %job.key.id,
+            attempt = job.key.attempt,
+            task_type = %job.task_type,
+        );
+        async move {
+            let started = Instant::now();
+            let stop = StopSignal::default();
+            self.running
+                .insert(job.key, stop.clone(), claimed_at, self.lease);
+            let outcome = self.run_body(&job, &stop).await;
+            self.running.remove(job.key);
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            match &outcome {
+                Some(Outcome::Completed) => tracing::info!(elapsed_ms, "job completed"),
+                Some(Outcome::Failed(e)) => {
+                    tracing::warn!(elapsed_ms, kind = e.kind.as_str(), error = %e.message, "job failed")
+                }
+                Some(Outcome::HandBack) => {
+                    tracing::info!(elapsed_ms, "job stopped by shutdown; handing it back")
+                }
+                None => tracing::info!(elapsed_ms, reason = ?stop.reason(), "job stopped; not ours to record"),
+            }
+            outcome.map(|outcome| Finished {
+                key: job.key,
+                batch_id: job.batch_id,
+                outcome,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn run_body(&self, job: &ClaimedJob, stop: &StopSignal) -> Option<Outcome> {
+        let spec = match JobSpec::validate(job) {
+            Ok(spec) => spec,
+            Err(e) => return Some(Outcome::Failed(e)),
+        };
+        tracing::debug!(filename = %spec.filename, "job started");
+        let ctx = JobContext::new(
+            self.pool.clone(),
+            self.worker_id.clone(),
+            spec.key,
+            stop.clone(),
+        );
+        // Dropping the body's future is what cancels it: every branch but the
+        // first drops it at its current await point.
+        let result = tokio::select! {
+            biased;
+            _ = stop.stopped() => None,
+            r = tokio::time::timeout(self.job_timeout, AssertUnwindSafe(tasks::run(&spec, &ctx)).catch_unwind()) => Some(r),
+        };
+        match (stop.reason(), result) {
+            // A body that finished is recorded even if a stop raced it; the
+            // fence decides whether the write still lands.
+            (_, Some(Ok(Ok(Ok(()))))) => Some(Outcome::Completed),
+            (Some(StopReason::Shutdown), _) => Some(Outcome::HandBack),
+            (Some(StopReason::Cancelled | StopReason::LeaseLost), _) => None,
+            (None, Some(Ok(Ok(Err(e))))) => Some(Outcome::Failed(e)),
+            (None, Some(Ok(Err(panic)))) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(panic = %what, "job body panicked");
+                Some(Outcome::Failed(JobError::permanent(format!(
+                    "docworker hit an internal error while running this job ({what}); please report it with this job's id."
+                ))))
+            }
+            (None, Some(Err(_elapsed))) => Some(Outcome::Failed(JobError::transient(format!(
+                "The job ran longer than worker.job_timeout ({}) and was stopped.",
+                humantime::format_duration(self.job_timeout)
+            )))),
+            (None, None) => unreachable!("the stop signal always carries a reason"),
+        }
+    }
+}

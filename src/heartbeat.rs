@@ -1,0 +1,101 @@
+//! The heartbeat: keeps the leases of this process's running jobs alive and
+//! stops the jobs it no longer owns.
+//!
+//! One statement per tick renews every lease this process holds, fenced by
+//! (id, attempt, worker id), and reports the jobs it could not renew: those
+//! were cancelled from SQL or taken over after their lease expired, and
+//! their bodies are stopped at once. A cancel NOTIFY makes it tick early.
+//!
+//! When renewals fail (database unreachable) the worker cannot know whether
+//! it still owns a job once the lease it last renewed has run out, so it
+//! stops those jobs itself rather than risk running them twice.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::running::{RunningJobs, StopReason};
+
+const RENEW_SQL: &str = "
+WITH mine AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[]) AS m(id, attempt)
+), renewed AS (
+    UPDATE job_tasks t
+       SET locked_until = now() + make_interval(secs => $3::float8), heartbeat_at = now()
+      FROM mine
+     WHERE t.id = mine.id AND t.attempt = mine.attempt
+       AND t.locked_by = $4 AND t.status = 'processing'
+    RETURNING t.id
+)
+SELECT m.id, t.status::text
+  FROM mine m LEFT JOIN job_tasks t ON t.id = m.id
+ WHERE m.id NOT IN (SELECT id FROM renewed)";
+
+pub struct Heartbeat {
+    pub pool: Pool,
+    pub worker_id: Arc<str>,
+    pub running: Arc<RunningJobs>,
+    pub interval: Duration,
+    pub lease: Duration,
+    /// Poked by the notifier when a job was cancelled from SQL.
+    pub poke: Arc<Notify>,
+}
+
+impl Heartbeat {
+    pub async fn run(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = self.poke.notified() => {}
+            }
+            if self.running.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.beat().await {
+                tracing::warn!(error = %format!("{e:#}"), "could not renew job leases");
+            }
+            for id in self.running.stop_expired(Instant::now()) {
+                tracing::warn!(job = %id, "stopping job: its lease could not be renewed in time, another worker may run it");
+            }
+        }
+    }
+
+    async fn beat(&self) -> Result<()> {
+        let (ids, attempts) = self.running.snapshot();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let lease = self.lease.as_secs_f64();
+        let worker_id: &str = &self.worker_id;
+        let sent_at = Instant::now();
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(RENEW_SQL).await?;
+        let lost = client
+            .query(&stmt, &[&ids, &attempts, &lease, &worker_id])
+            .await?;
+        let mut renewed = ids;
+        for row in &lost {
+            let id: Uuid = row.get(0);
+            let status: Option<String> = row.get(1);
+            renewed.retain(|r| *r != id);
+            // A job that finished since the snapshot is simply gone: no news.
+            if status.as_deref() == Some("cancelled") {
+                if self.running.stop(id, StopReason::Cancelled) {
+                    tracing::info!(job = %id, "job was cancelled; stopping it");
+                }
+            } else if self.running.stop(id, StopReason::LeaseLost) {
+                tracing::warn!(job = %id, status = ?status, "job is no longer ours (its lease expired and another worker took it, or it was changed from outside); stopping it");
+            }
+        }
+        self.running.renewed(&renewed, sent_at, self.lease);
+        Ok(())
+    }
+}

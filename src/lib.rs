@@ -1,0 +1,22 @@
+//! docworker: a PostgreSQL table (`job_tasks`) as a document-ingestion job
+//! queue. See ARCHITECTURE.md for the map of modules and one job's path.
+
+pub mod admin;
+pub mod bench;
+pub mod completer;
+pub mod config;
+pub mod db;
+pub mod executor;
+pub mod heartbeat;
+pub mod job;
+pub mod maintenance;
+pub mod notifier;
+pub mod producer;
+pub mod progress;
+pub mod retry;
+pub mod running;
+pub mod schema;
+pub mod shutdown;
+pub mod tasks;
+pub mod telemetry;
+pub mod worker;

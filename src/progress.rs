@@ -1,0 +1,97 @@
+//! What a job body may write to its own row while it runs: stage and chunk
+//! counts. Every write is fenced by (id, attempt, worker id): a write that
+//! changes nothing means the job now belongs to someone else, and the body
+//! is stopped.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use tokio::sync::Mutex;
+use tokio_postgres::types::ToSql;
+
+use crate::job::{Attempt, JobError};
+use crate::running::{StopReason, StopSignal};
+
+/// Count updates closer together than this are coalesced (stage changes and
+/// the final count are always written).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+pub struct JobContext {
+    pool: Pool,
+    worker_id: Arc<str>,
+    key: Attempt,
+    stop: StopSignal,
+    last_count_write: Mutex<Option<Instant>>,
+}
+
+impl JobContext {
+    pub fn new(pool: Pool, worker_id: Arc<str>, key: Attempt, stop: StopSignal) -> JobContext {
+        JobContext {
+            pool,
+            worker_id,
+            key,
+            stop,
+            last_count_write: Mutex::new(None),
+        }
+    }
+
+    pub fn key(&self) -> Attempt {
+        self.key
+    }
+
+    /// Records the stage the job has entered (parsing, chunking, ...).
+    pub async fn set_stage(&self, stage: &str) -> Result<(), JobError> {
+        self.fenced_write(
+            "UPDATE job_tasks SET stage = $4, updated_at = now()
+              WHERE id = $1 AND attempt = $2 AND locked_by = $3 AND status = 'processing'",
+            &[&stage],
+        )
+        .await
+    }
+
+    /// Records chunk progress, at most about once a second unless finished.
+    pub async fn set_progress(&self, completed: i32, total: i32) -> Result<(), JobError> {
+        {
+            let mut last = self.last_count_write.lock().await;
+            let due = last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+            if !due && completed < total {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        self.fenced_write(
+            "UPDATE job_tasks SET completed_chunks = $4, total_chunks = $5, updated_at = now()
+              WHERE id = $1 AND attempt = $2 AND locked_by = $3 AND status = 'processing'",
+            &[&completed, &total],
+        )
+        .await
+    }
+
+    async fn fenced_write(&self, sql: &str, extra: &[&(dyn ToSql + Sync)]) -> Result<(), JobError> {
+        let worker_id: &str = &self.worker_id;
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.key.id, &self.key.attempt, &worker_id];
+        params.extend_from_slice(extra);
+        let result = async {
+            let client = self.pool.get().await?;
+            let stmt = client.prepare_cached(sql).await?;
+            anyhow::Ok(client.execute(&stmt, &params).await?)
+        }
+        .await;
+        match result {
+            Ok(0) => {
+                self.stop.stop(StopReason::LeaseLost);
+                Err(JobError::transient(
+                    "This worker no longer owns the job (cancelled, or its lease expired and another worker took it over).",
+                ))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Progress is advisory; the final write is what matters and
+                // has its own retries.
+                tracing::warn!(error = %e, "could not record progress");
+                Ok(())
+            }
+        }
+    }
+}

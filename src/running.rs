@@ -1,0 +1,137 @@
+//! The jobs this process is running right now, and how to stop one.
+//!
+//! Shared by the executor (adds and removes its job), the heartbeat (renews
+//! every lease in one statement, stops jobs it lost) and shutdown (stops all).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::job::Attempt;
+
+/// Why a running body was stopped before it returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The process is shutting down and the grace period is over: hand back.
+    Shutdown,
+    /// Cancelled from SQL: the row is already final, write nothing.
+    Cancelled,
+    /// Another worker may own the job now (lease expired or stolen): write nothing.
+    LeaseLost,
+}
+
+/// Stops one job's body; the first reason given wins.
+#[derive(Debug, Clone, Default)]
+pub struct StopSignal {
+    token: CancellationToken,
+    reason: Arc<OnceLock<StopReason>>,
+}
+
+impl StopSignal {
+    pub fn stop(&self, reason: StopReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason.get().copied()
+    }
+
+    pub async fn stopped(&self) {
+        self.token.cancelled().await
+    }
+}
+
+struct Entry {
+    attempt: i32,
+    stop: StopSignal,
+    /// After this instant the lease may have expired on the server (no
+    /// renewal succeeded): the job must stop, someone else may run it.
+    lease_expires: Instant,
+}
+
+#[derive(Default)]
+pub struct RunningJobs {
+    jobs: Mutex<HashMap<Uuid, Entry>>,
+}
+
+impl RunningJobs {
+    pub fn insert(&self, key: Attempt, stop: StopSignal, claimed_at: Instant, lease: Duration) {
+        let entry = Entry {
+            attempt: key.attempt,
+            stop,
+            lease_expires: claimed_at + lease,
+        };
+        if let Some(stale) = self.lock().insert(key.id, entry) {
+            // Cannot happen while attempts fence claims; stop the old body
+            // rather than let two run.
+            stale.stop.stop(StopReason::LeaseLost);
+        }
+    }
+
+    pub fn remove(&self, key: Attempt) {
+        let mut jobs = self.lock();
+        if jobs.get(&key.id).is_some_and(|e| e.attempt == key.attempt) {
+            jobs.remove(&key.id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// (ids, attempts) of every running job, for one batched heartbeat.
+    pub fn snapshot(&self) -> (Vec<Uuid>, Vec<i32>) {
+        self.lock().iter().map(|(id, e)| (*id, e.attempt)).unzip()
+    }
+
+    /// Records that the leases of `ids` were renewed by a statement sent at `sent_at`.
+    pub fn renewed(&self, ids: &[Uuid], sent_at: Instant, lease: Duration) {
+        let mut jobs = self.lock();
+        for id in ids {
+            if let Some(e) = jobs.get_mut(id) {
+                e.lease_expires = e.lease_expires.max(sent_at + lease);
+            }
+        }
+    }
+
+    /// Stops the job if it is still running here; says whether it was.
+    pub fn stop(&self, id: Uuid, reason: StopReason) -> bool {
+        match self.lock().get(&id) {
+            Some(e) => {
+                e.stop.stop(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn stop_all(&self, reason: StopReason) {
+        for e in self.lock().values() {
+            e.stop.stop(reason);
+        }
+    }
+
+    /// Stops jobs whose lease may have run out on the server; returns them.
+    pub fn stop_expired(&self, now: Instant) -> Vec<Uuid> {
+        let jobs = self.lock();
+        jobs.iter()
+            .filter(|(_, e)| e.lease_expires <= now)
+            .map(|(id, e)| {
+                e.stop.stop(StopReason::LeaseLost);
+                *id
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Entry>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

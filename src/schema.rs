@@ -1,0 +1,85 @@
+//! Versioned schema migrations (`worker migrate`) and the start-up check.
+//!
+//! Migrations are the files in `sql/`, compiled in. All pending ones run in
+//! one transaction under a transaction-scoped advisory lock, so replicas that
+//! start at once queue behind each other and the later ones find nothing to do.
+
+use anyhow::{bail, Context, Result};
+use tokio_postgres::Client;
+
+/// (version, name, sql), in order.
+pub const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "queue", include_str!("../sql/0001_queue.sql"))];
+
+/// The schema version this binary needs.
+pub const CURRENT_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+/// Arbitrary but fixed: "docworker" on a phone keypad.
+const MIGRATION_LOCK: i64 = 3_627_967_537;
+
+/// Applies what is missing; returns the versions it applied.
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS docworker_migrations (
+             version    int PRIMARY KEY,
+             name       text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM docworker_migrations",
+            &[],
+        )
+        .await?
+        .get(0);
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v > current) {
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("applying migration {version} ({name})"))?;
+        tx.execute(
+            "INSERT INTO docworker_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+        applied.push(*version);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// The version the database is at; 0 when docworker never migrated it.
+pub async fn version(client: &Client) -> Result<i32> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN to_regclass('docworker_migrations') IS NULL THEN 0
+                    ELSE (SELECT coalesce(max(version), 0) FROM docworker_migrations) END",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Refuses to run against a schema this binary does not match.
+pub async fn ensure_current(client: &Client) -> Result<()> {
+    let v = version(client).await?;
+    if v < CURRENT_VERSION {
+        bail!(
+            "the database schema is at version {v} but this worker needs version {CURRENT_VERSION}: run `worker migrate` first"
+        );
+    }
+    if v > CURRENT_VERSION {
+        // Migrations only add, so an older worker keeps working during a
+        // rolling upgrade; say so rather than refuse.
+        tracing::warn!(
+            schema = v,
+            understood = CURRENT_VERSION,
+            "the database schema is newer than this worker; upgrade it when you can"
+        );
+    }
+    Ok(())
+}

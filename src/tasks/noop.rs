@@ -1,0 +1,58 @@
+//! `noop`: does nothing and completes. Used by `worker ping`, benchmarks and
+//! operators checking a deployment.
+//!
+//! For rehearsing failures it honours three options:
+//! - `sleep_ms`: work this long first (cancellable like any body);
+//! - `fail`: `"transient"` or `"permanent"`, fail with that kind of error;
+//! - `fail_attempts`: fail only while the attempt number is at most this.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::job::{JobError, JobSpec};
+use crate::progress::JobContext;
+
+pub async fn run(job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
+    let sleep_ms = whole_number(job, "sleep_ms")?;
+    let fail_attempts = whole_number(job, "fail_attempts")?;
+    let fail = match job.options.get("fail") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(kind)) if kind == "transient" || kind == "permanent" => {
+            Some(kind.as_str())
+        }
+        Some(other) => {
+            return Err(JobError::permanent(format!(
+                "options.fail must be \"transient\" or \"permanent\", not {other}."
+            )))
+        }
+    };
+
+    if let Some(ms) = sleep_ms.filter(|ms| *ms > 0) {
+        ctx.set_stage("sleeping").await?;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let attempt = job.key.attempt as u64;
+    match fail {
+        Some(kind) if fail_attempts.is_none_or(|n| attempt <= n) => {
+            let message = format!("noop job asked to fail on attempt {attempt} (options.fail).");
+            if kind == "transient" {
+                Err(JobError::transient(message))
+            } else {
+                Err(JobError::permanent(message))
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+fn whole_number(job: &JobSpec, key: &str) -> Result<Option<u64>, JobError> {
+    match job.options.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            JobError::permanent(format!(
+                "options.{key} must be a whole number of at least 0, not {v}."
+            ))
+        }),
+    }
+}

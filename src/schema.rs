@@ -20,6 +20,8 @@ const MIGRATION_LOCK: i64 = 3_627_967_537;
 /// Applies what is missing; returns the versions it applied.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
     let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     tx.batch_execute(

@@ -19,8 +19,8 @@ pub async fn enqueue(
 ) -> Result<()> {
     let mut tasks = Vec::with_capacity(files.len());
     for file in files {
-        let path = std::path::absolute(file)
-            .with_context(|| format!("resolving {}", file.display()))?;
+        let path =
+            std::path::absolute(file).with_context(|| format!("resolving {}", file.display()))?;
         let filename = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -42,7 +42,11 @@ pub async fn enqueue(
         println!("batch {}", first.get::<_, Uuid>(0));
     }
     for row in &rows {
-        println!("  task {}  {}", row.get::<_, Uuid>(1), row.get::<_, String>(2));
+        println!(
+            "  task {}  {}",
+            row.get::<_, Uuid>(1),
+            row.get::<_, String>(2)
+        );
     }
     Ok(())
 }

@@ -1,10 +1,237 @@
-//! `worker bench`: queue throughput and pickup latency (written next).
-use anyhow::Result;
+//! `worker bench`: the queue's throughput and pickup latency, measured on a
+//! scratch database against a real `worker run` child process.
+//!
+//! Phase 1 enqueues N noop jobs, starts the daemon and times the drain on the
+//! database clock (first claim to last completion). Phase 2 inserts jobs one
+//! at a time into the now idle daemon and measures, per job, the time from
+//! just before the INSERT is sent to the start of the claim statement that
+//! picked it up (`started_at`) and to its completion (`finished_at`). The
+//! daemon's resident memory is read from /proc while it idles.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use tokio_postgres::Client;
+
 use crate::config::Settings;
+use crate::{db, schema};
 
 #[derive(clap::Args, Debug)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Noop jobs to drain in the throughput phase.
+    #[arg(long, default_value_t = 20_000)]
+    pub jobs: i32,
+    /// The daemon's concurrency.
+    #[arg(long, default_value_t = 10)]
+    pub concurrency: usize,
+    /// Jobs inserted one at a time in the latency phase.
+    #[arg(long, default_value_t = 200)]
+    pub latency_jobs: usize,
+    /// Pause between those inserts.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Keep the scratch database afterwards.
+    #[arg(long)]
+    pub keep: bool,
+}
 
-pub async fn run(_settings: &Settings, _args: BenchArgs) -> Result<()> {
+pub async fn run(settings: &Settings, args: BenchArgs) -> Result<()> {
+    let admin = db::connect(&settings.database, "docworker bench").await?;
+    let name = format!("docworker_bench_{}", std::process::id());
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .context("creating the scratch database (the configured user needs CREATEDB)")?;
+    let mut cfg: tokio_postgres::Config = settings.database.url.parse()?;
+    cfg.dbname(&name);
+    let mut scratch = settings.database.clone();
+    scratch.url = config_to_url(&cfg);
+    let result = measure(&scratch, &args).await;
+    if !args.keep {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+    }
+    result
+}
+
+async fn measure(db_settings: &crate::config::DatabaseSettings, args: &BenchArgs) -> Result<()> {
+    let mut client = db::connect(db_settings, "docworker bench").await?;
+    schema::migrate(&mut client).await?;
+    let server: String = client
+        .query_one(
+            "SELECT current_setting('server_version') || ', synchronous_commit=' || current_setting('synchronous_commit') || ', fsync=' || current_setting('fsync')",
+            &[],
+        )
+        .await?
+        .get(0);
+    println!("PostgreSQL {server}");
+
+    // Phase 1: throughput.
+    client
+        .execute(
+            "INSERT INTO job_tasks (filename, task_type) SELECT 'bench', 'noop' FROM generate_series(1, $1)",
+            &[&args.jobs],
+        )
+        .await?;
+    client.batch_execute("ANALYZE job_tasks").await?;
+    let wall = Instant::now();
+    let mut daemon = spawn_daemon(&db_settings.url, args.concurrency)?;
+    wait_until(
+        &client,
+        "SELECT count(*) FROM job_tasks WHERE status <> 'completed'",
+        0,
+        Duration::from_secs(600),
+    )
+    .await?;
+    let wall = wall.elapsed();
+    let row = client
+        .query_one(
+            "SELECT extract(epoch FROM max(finished_at) - min(started_at))::float8, count(*) FILTER (WHERE attempt <> 1)
+               FROM job_tasks",
+            &[],
+        )
+        .await?;
+    let drain: f64 = row.get(0);
+    let not_once: i64 = row.get(1);
+    if not_once != 0 {
+        bail!("{not_once} jobs ran more than once");
+    }
+    println!(
+        "throughput: {} noop jobs at concurrency {} drained in {:.3} s = {:.0} jobs/s (first claim to last completion; {:.2} s wall including daemon start)",
+        args.jobs,
+        args.concurrency,
+        drain,
+        args.jobs as f64 / drain,
+        wall.as_secs_f64()
+    );
+
+    // Phase 2: pickup latency on an idle daemon.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.batch_execute("TRUNCATE job_tasks CASCADE").await?;
+    let insert = client
+        .prepare(
+            "INSERT INTO job_tasks (filename, task_type) VALUES ('latency', 'noop') RETURNING id",
+        )
+        .await?;
+    let mut sent = Vec::with_capacity(args.latency_jobs);
+    for _ in 0..args.latency_jobs {
+        let t = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
+        let id: uuid::Uuid = client.query_one(&insert, &[]).await?.get(0);
+        sent.push((id, t));
+        tokio::time::sleep(args.interval).await;
+    }
+    wait_until(
+        &client,
+        "SELECT count(*) FROM job_tasks WHERE status <> 'completed'",
+        0,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let mut pickup = Vec::new();
+    let mut done = Vec::new();
+    for (id, t) in &sent {
+        let row = client
+            .query_one(
+                "SELECT extract(epoch FROM started_at)::float8, extract(epoch FROM finished_at)::float8 FROM job_tasks WHERE id = $1",
+                &[id],
+            )
+            .await?;
+        let started: f64 = row.get(0);
+        let finished: f64 = row.get(1);
+        pickup.push((started - t) * 1000.0);
+        done.push((finished - t) * 1000.0);
+    }
+    let (p50, p95, p99) = percentiles(&mut pickup);
+    println!(
+        "pickup latency (insert sent -> claim), {} jobs {} apart: p50 {p50:.2} ms, p95 {p95:.2} ms, p99 {p99:.2} ms",
+        args.latency_jobs,
+        humantime::format_duration(args.interval)
+    );
+    let (p50, p95, p99) = percentiles(&mut done);
+    println!(
+        "insert sent -> completion recorded: p50 {p50:.2} ms, p95 {p95:.2} ms, p99 {p99:.2} ms"
+    );
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss, hwm) = memory_kib(daemon.id().unwrap_or(0));
+    println!(
+        "daemon memory: idle RSS {:.1} MB, peak RSS {:.1} MB",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    daemon.start_kill().ok();
+    daemon.wait().await.ok();
     Ok(())
+}
+
+fn spawn_daemon(url: &str, concurrency: usize) -> Result<tokio::process::Child> {
+    let exe = std::env::current_exe()?;
+    tokio::process::Command::new(exe)
+        .arg("run")
+        .env("DATABASE_URL", url)
+        .env("DOCWORKER__WORKER__CONCURRENCY", concurrency.to_string())
+        .env("DOCWORKER__LOG__LEVEL", "warn")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the worker daemon")
+}
+
+async fn wait_until(client: &Client, sql: &str, want: i64, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let n: i64 = client.query_one(sql, &[]).await?.get(0);
+        if n == want {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out waiting for `{sql}` to reach {want} (at {n})");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn percentiles(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    (at(0.50), at(0.95), at(0.99))
+}
+
+/// (VmRSS, VmHWM) of a process in KiB, from /proc.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Rebuilds a URL from a parsed config (host, port, user, password, dbname).
+fn config_to_url(cfg: &tokio_postgres::Config) -> String {
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let user = cfg.get_user().unwrap_or("postgres");
+    let db = cfg.get_dbname().unwrap_or("postgres");
+    match cfg.get_password() {
+        Some(pw) => format!(
+            "host={host} port={port} user={user} password={} dbname={db}",
+            String::from_utf8_lossy(pw)
+        ),
+        None => format!("host={host} port={port} user={user} dbname={db}"),
+    }
 }

@@ -111,10 +111,11 @@ impl Settings {
                 builder = builder.set_override("database.url", url)?;
             }
         }
-        let settings: Settings = builder
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .context("invalid configuration")?;
+        let merged = builder.build().context("invalid configuration")?;
+        let settings: Settings = merged
+            .clone()
+            .try_deserialize()
+            .map_err(|e| name_the_key(&merged, e))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -143,7 +144,9 @@ impl Settings {
         self.database
             .url
             .parse::<tokio_postgres::Config>()
-            .with_context(|| "invalid value for database.url: not a PostgreSQL connection string")?;
+            .with_context(|| {
+                "invalid value for database.url: not a PostgreSQL connection string"
+            })?;
         check(
             w.poll_interval >= Duration::from_millis(10),
             "worker.poll_interval",
@@ -191,6 +194,53 @@ impl Settings {
     }
 }
 
+/// The config crate names the key only in some of its errors: not for an
+/// unknown key, nor for a value its type refuses with a message of its own
+/// (a bad duration). Find the key by putting each value that is set, alone,
+/// on top of the defaults and seeing which one the defaults do not accept.
+fn name_the_key(merged: &config::Config, err: config::ConfigError) -> anyhow::Error {
+    let named = matches!(err, config::ConfigError::Type { key: Some(_), .. });
+    if !named {
+        let mut leaves = Vec::new();
+        if let Ok(table) = config::Source::collect(merged) {
+            leaf_values("", table, &mut leaves);
+        }
+        for (key, value) in leaves {
+            let alone = config::Config::builder()
+                .add_source(config::File::from_str(
+                    DEFAULT_TOML,
+                    config::FileFormat::Toml,
+                ))
+                .set_override(&key, value)
+                .and_then(|b| b.build())
+                .and_then(|c| c.try_deserialize::<Settings>());
+            if let Err(e) = alone {
+                return anyhow::anyhow!("invalid configuration: {key}: {e}");
+            }
+        }
+    }
+    anyhow::Error::new(err).context("invalid configuration")
+}
+
+/// Every non-table value under `table`, with its dotted key.
+fn leaf_values(
+    prefix: &str,
+    table: config::Map<String, config::Value>,
+    out: &mut Vec<(String, config::Value)>,
+) {
+    for (name, value) in table {
+        let key = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match value.clone().into_table() {
+            Ok(inner) => leaf_values(&key, inner, out),
+            Err(_) => out.push((key, value)),
+        }
+    }
+}
+
 fn check(ok: bool, key: &str, why: String) -> Result<()> {
     if ok {
         Ok(())
@@ -231,5 +281,23 @@ mod tests {
         s.worker.heartbeat_interval = s.worker.lease_duration;
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("worker.heartbeat_interval"), "{err}");
+    }
+
+    #[test]
+    fn errors_the_config_crate_leaves_keyless_get_their_key() {
+        for (key, value) in [("worker.poll_interval", "soon"), ("worker.bogus", "1")] {
+            let merged = config::Config::builder()
+                .add_source(config::File::from_str(
+                    DEFAULT_TOML,
+                    config::FileFormat::Toml,
+                ))
+                .set_override(key, value)
+                .unwrap()
+                .build()
+                .unwrap();
+            let err = merged.clone().try_deserialize::<Settings>().unwrap_err();
+            let err = name_the_key(&merged, err).to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 }

@@ -14,10 +14,8 @@ use crate::config::DatabaseSettings;
 
 /// Parses the URL and sets what every docworker session wants.
 pub fn pg_config(db: &DatabaseSettings, application_name: &str) -> Result<tokio_postgres::Config> {
-    let mut cfg: tokio_postgres::Config = db
-        .url
-        .parse()
-        .context("invalid value for database.url")?;
+    let mut cfg: tokio_postgres::Config =
+        db.url.parse().context("invalid value for database.url")?;
     if cfg.get_application_name().is_none() {
         cfg.application_name(application_name);
     }

@@ -19,7 +19,11 @@ const EXIT_JOB_FAILED: u8 = 3;
 const EXIT_NOTHING_TO_DO: u8 = 4;
 
 #[derive(Parser)]
-#[command(name = "worker", version, about = "docworker: runs document-ingestion jobs from PostgreSQL")]
+#[command(
+    name = "worker",
+    version,
+    about = "docworker: runs document-ingestion jobs from PostgreSQL"
+)]
 struct Cli {
     /// A TOML file layered over the defaults (see config/default.toml).
     #[arg(long, global = true, value_name = "FILE")]
@@ -135,7 +139,10 @@ async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitCode> {
             if applied.is_empty() {
                 println!("schema is up to date (version {})", schema::CURRENT_VERSION);
             } else {
-                println!("applied migrations {applied:?}; schema is at version {}", schema::CURRENT_VERSION);
+                println!(
+                    "applied migrations {applied:?}; schema is at version {}",
+                    schema::CURRENT_VERSION
+                );
             }
         }
         Command::Enqueue {
@@ -176,13 +183,18 @@ async fn once(settings: &Settings, job: Option<Uuid>) -> Result<ExitCode> {
     Ok(match result {
         OnceResult::NothingToDo => {
             match job {
-                Some(id) => println!("nothing to do: job {id} does not exist or another worker holds it"),
+                Some(id) => {
+                    println!("nothing to do: job {id} does not exist or another worker holds it")
+                }
                 None => println!("nothing to do: no job is due"),
             }
             ExitCode::from(EXIT_NOTHING_TO_DO)
         }
         OnceResult::Stopped { job } => {
-            println!("job {} stopped before it finished (cancelled, or its lease was lost)", job.key.id);
+            println!(
+                "job {} stopped before it finished (cancelled, or its lease was lost)",
+                job.key.id
+            );
             ExitCode::from(EXIT_JOB_FAILED)
         }
         OnceResult::Finished { job, written } => {

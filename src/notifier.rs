@@ -61,7 +61,11 @@ impl Notifier {
             }
             reconnects += 1;
             let sleep = jittered(backoff);
-            tracing::info!(reconnects, retry_in_ms = sleep.as_millis() as u64, "reconnecting the LISTEN connection");
+            tracing::info!(
+                reconnects,
+                retry_in_ms = sleep.as_millis() as u64,
+                "reconnecting the LISTEN connection"
+            );
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(sleep) => {}
@@ -82,8 +86,7 @@ impl Notifier {
         // forward them. The task ends when the socket does.
         let (tx, mut rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
-            let mut messages =
-                futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
                     Ok(AsyncMessage::Notification(n)) => {

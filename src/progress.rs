@@ -70,7 +70,8 @@ impl JobContext {
 
     async fn fenced_write(&self, sql: &str, extra: &[&(dyn ToSql + Sync)]) -> Result<(), JobError> {
         let worker_id: &str = &self.worker_id;
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.key.id, &self.key.attempt, &worker_id];
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            vec![&self.key.id, &self.key.attempt, &worker_id];
         params.extend_from_slice(extra);
         let result = async {
             let client = self.pool.get().await?;

@@ -196,6 +196,7 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
     let producer = tokio::spawn(
         Producer {
             pool: core.pool.clone(),
+            concurrency: w.concurrency,
             worker_id: core.worker_id.clone(),
             slots: slots.clone(),
             executor: core.executor.clone(),
@@ -243,9 +244,14 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
 #[derive(Debug)]
 pub enum OnceResult {
     NothingToDo,
-    Finished { job: ClaimedJob, written: Written },
+    Finished {
+        job: ClaimedJob,
+        written: Written,
+    },
     /// The body stopped without an outcome to write (cancelled, lease lost).
-    Stopped { job: ClaimedJob },
+    Stopped {
+        job: ClaimedJob,
+    },
 }
 
 /// Claims one due job (or `job_id`), runs it in the foreground and waits

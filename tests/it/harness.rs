@@ -52,7 +52,11 @@ fn postgres_bindir() -> PathBuf {
         }
     }
     let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     candidates.sort();
     candidates
@@ -205,7 +209,10 @@ impl Cluster {
 
     /// Restarts the server (fast shutdown: every connection is cut).
     pub fn restart(&self) {
-        let server = self.owned.as_ref().expect("only a harness-started server can be restarted");
+        let server = self
+            .owned
+            .as_ref()
+            .expect("only a harness-started server can be restarted");
         server.stop();
         server.start();
     }
@@ -248,19 +255,33 @@ impl OwnedServer {
     fn stop(&self) {
         let out = pg_command(
             &self.bindir.join("pg_ctl"),
-            &["-D", self.data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
         )
         .stdout(Stdio::null())
         .output()
         .expect("running pg_ctl stop");
-        assert!(out.status.success(), "pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_ctl stop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn stop_command_line(&self) -> String {
         let pg_ctl = self.bindir.join("pg_ctl");
         let data = self.data.display();
         if is_root() {
-            format!("runuser -u postgres -- {} -D '{data}' -m immediate stop", pg_ctl.display())
+            format!(
+                "runuser -u postgres -- {} -D '{data}' -m immediate stop",
+                pg_ctl.display()
+            )
         } else {
             format!("{} -D '{data}' -m immediate stop", pg_ctl.display())
         }
@@ -384,7 +405,8 @@ impl WorkerProcess {
     }
 
     pub fn spawn_args(url: &str, args: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
-        let log = std::env::temp_dir().join(format!("docworker-test-worker-{}.log", Uuid::new_v4()));
+        let log =
+            std::env::temp_dir().join(format!("docworker-test-worker-{}.log", Uuid::new_v4()));
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(WORKER);
         cmd.args(args)
@@ -442,7 +464,10 @@ impl WorkerProcess {
         let start = Instant::now();
         while !self.logs().contains(needle) {
             if start.elapsed() > timeout {
-                panic!("worker never logged {needle:?} within {timeout:?}; log:\n{}", self.logs());
+                panic!(
+                    "worker never logged {needle:?} within {timeout:?}; log:\n{}",
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -456,7 +481,11 @@ impl Drop for WorkerProcess {
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log);
         } else {
-            eprintln!("worker {} log kept at {}", self.child.id(), self.log.display());
+            eprintln!(
+                "worker {} log kept at {}",
+                self.child.id(),
+                self.log.display()
+            );
         }
     }
 }

@@ -1,1 +1,808 @@
-//! (tests being written)
+//! The schema: `worker migrate`, adopting the app's legacy tables, batch
+//! rollup under every finishing order and under concurrency, the enqueue
+//! function, and the claim query's plan on a big table.
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use docworker::completer::{Completer, CompleterHandle, Finished, Outcome, Written};
+use docworker::config::DatabaseSettings;
+use docworker::job::{ClaimedJob, JobError};
+use docworker::retry::RetryPolicy;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::harness::{connect, run_worker, shared, TestDb, WorkerProcess};
+
+/// `run_worker` off the async threads.
+async fn worker(url: &str, args: &[&str]) -> (i32, String, String) {
+    let url = url.to_owned();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_worker(&url, &args, &[])
+    })
+    .await
+    .unwrap()
+}
+
+async fn one<T>(client: &Client, sql: &str) -> T
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+async fn exists(client: &Client, regclass: &str) -> bool {
+    client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&regclass])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Everything migration 1 creates.
+async fn assert_schema_complete(client: &Client) {
+    for relation in [
+        "job_batches",
+        "job_tasks",
+        "docworker_migrations",
+        "job_tasks_claim_idx",
+        "job_tasks_lease_idx",
+        "job_tasks_batch_idx",
+        "job_tasks_finished_idx",
+    ] {
+        assert!(exists(client, relation).await, "{relation} is missing");
+    }
+    for function in [
+        "docworker_enqueue_batch",
+        "docworker_retry",
+        "docworker_cancel",
+        "docworker_refresh_batch",
+        "docworker_rollup_batch",
+        "docworker_notify_insert",
+        "docworker_notify_cancel",
+    ] {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_proc WHERE proname = $1",
+                &[&function],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "function {function}");
+    }
+    for trigger in [
+        "docworker_notify_insert",
+        "docworker_notify_cancel",
+        "docworker_rollup_batch",
+    ] {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_trigger WHERE tgname = $1 AND tgrelid = 'job_tasks'::regclass",
+                &[&trigger],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "trigger {trigger}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_creates_everything_then_says_up_to_date() {
+    let db = shared().database(false).await;
+    assert!(!exists(&db.client, "job_tasks").await);
+
+    let (code, out, err) = worker(&db.url, &["migrate"]).await;
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("applied migrations [1]"), "{out}");
+    assert_schema_complete(&db.client).await;
+
+    let (code, out, err) = worker(&db.url, &["migrate"]).await;
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("schema is up to date (version 1)"), "{out}");
+
+    let rows = db
+        .client
+        .query("SELECT version, name FROM docworker_migrations", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, i32>(0), 1);
+    assert_eq!(rows[0].get::<_, String>(1), "queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_apply_the_schema_once() {
+    let db = shared().database(false).await;
+    let start = Arc::new(Barrier::new(4));
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let url = db.url.clone();
+            let start = start.clone();
+            tokio::task::spawn_blocking(move || {
+                start.wait();
+                run_worker(&url, &["migrate"], &[])
+            })
+        })
+        .collect();
+    let mut applied = 0;
+    let mut up_to_date = 0;
+    for run in runs {
+        let (code, out, err) = run.await.unwrap();
+        assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+        if out.contains("applied migrations [1]") {
+            applied += 1;
+        } else if out.contains("schema is up to date") {
+            up_to_date += 1;
+        } else {
+            panic!("unexpected output: {out}\nstderr: {err}");
+        }
+    }
+    assert_eq!((applied, up_to_date), (1, 3));
+    assert_eq!(
+        db.count("SELECT count(*) FROM docworker_migrations").await,
+        1
+    );
+    assert_schema_complete(&db.client).await;
+    // Applied once: one claim index, one rollup trigger.
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_indexes WHERE tablename = 'job_tasks'")
+            .await,
+        5,
+        "pkey + claim + lease + batch + finished"
+    );
+}
+
+/// The app's tables exactly as it creates them today (the-app.md).
+const LEGACY_DDL: &str = "
+CREATE TABLE job_batches (id uuid primary key, total_tasks int not null, completed_tasks int default 0,
+    status varchar(30) default 'pending', created_at timestamptz default now());
+CREATE TABLE job_tasks (id uuid primary key,
+    batch_id uuid not null references job_batches(id) on delete cascade,
+    filename varchar(255) not null, status varchar(30) default 'pending',
+    total_chunks int default 0, completed_chunks int default 0, error_message text,
+    file_path text not null, attempt int default 0,
+    created_at timestamptz default now(), started_at timestamptz);
+create index idx_tasks_claimable on job_tasks(created_at) where status = 'pending';
+CREATE TABLE documents (id uuid primary key, file_name text, file_type text, file_path text,
+    file_size_bytes bigint, file_hash varchar(64) unique, uploaded_at timestamptz, metadata jsonb);
+";
+
+/// The legacy columns of every row, as one JSON text, to compare before and after.
+async fn legacy_snapshot(client: &Client) -> (String, String, String) {
+    let tasks = one(
+        client,
+        "SELECT json_agg(x ORDER BY x.id)::text FROM (
+             SELECT id, batch_id, filename, status, total_chunks, completed_chunks,
+                    error_message, file_path, attempt, created_at, started_at
+               FROM job_tasks) x",
+    )
+    .await;
+    let batches = one(
+        client,
+        "SELECT json_agg(x ORDER BY x.id)::text FROM (
+             SELECT id, total_tasks, completed_tasks, status, created_at FROM job_batches) x",
+    )
+    .await;
+    let documents = one(
+        client,
+        "SELECT json_agg(d ORDER BY d.id)::text FROM documents d",
+    )
+    .await;
+    (tasks, batches, documents)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
+    let db = shared().database(false).await;
+    let c = &db.client;
+    c.batch_execute(LEGACY_DDL).await.unwrap();
+
+    let batch_a = Uuid::new_v4(); // still running: a pending and a processing task
+    let batch_b = Uuid::new_v4(); // finished: one completed, one error
+    let pending = Uuid::new_v4();
+    let processing = Uuid::new_v4();
+    let completed = Uuid::new_v4();
+    let error = Uuid::new_v4();
+    let doc = Uuid::new_v4();
+    c.execute(
+        "INSERT INTO job_batches (id, total_tasks, completed_tasks, status, created_at) VALUES
+             ($1, 2, 0, 'pending', now() - interval '2 hours'),
+             ($2, 2, 1, 'completed_with_errors', now() - interval '3 hours')",
+        &[&batch_a, &batch_b],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "INSERT INTO job_tasks (id, batch_id, filename, status, total_chunks, completed_chunks,
+                                error_message, file_path, attempt, created_at, started_at) VALUES
+             ($1, $5, 'a.txt', 'pending',    0, 0, NULL, '/uploads/a.txt', 0,
+              now() - interval '2 hours', NULL),
+             ($2, $5, 'b.pdf', 'processing', 10, 4, NULL, '/uploads/b.pdf', 1,
+              now() - interval '2 hours', now() - interval '1 hour'),
+             ($3, $6, 'c.md',  'completed',  5, 5, NULL, '/uploads/c.md', 1,
+              now() - interval '3 hours', now() - interval '3 hours'),
+             ($4, $6, 'd.docx', 'error',     7, 2, 'Ollama is not reachable', '/uploads/d.docx', 3,
+              now() - interval '3 hours', now() - interval '170 minutes')",
+        &[
+            &pending,
+            &processing,
+            &completed,
+            &error,
+            &batch_a,
+            &batch_b,
+        ],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "INSERT INTO documents VALUES ($1, 'c.md', 'md', '/uploads/c.md', 1234,
+                 repeat('ab', 32), now() - interval '3 hours', '{\"k\": \"v\"}')",
+        &[&doc],
+    )
+    .await
+    .unwrap();
+    let before = legacy_snapshot(c).await;
+
+    let (code, out, err) = worker(&db.url, &["migrate"]).await;
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("applied migrations [1]"), "{out}");
+    assert_schema_complete(c).await;
+
+    // Every row kept with its values, the app's other table untouched.
+    assert_eq!(legacy_snapshot(c).await, before);
+    assert_eq!(db.count("SELECT count(*) FROM job_tasks").await, 4);
+    assert_eq!(db.count("SELECT count(*) FROM job_batches").await, 2);
+    assert_eq!(db.count("SELECT count(*) FROM documents").await, 1);
+
+    // The new columns exist with their defaults; attempts are preserved.
+    let rows = c
+        .query(
+            "SELECT id, task_type, options, errors, priority, max_attempts, attempt,
+                    locked_until IS NOT NULL AND locked_until <= now(), finished_at IS NOT NULL,
+                    run_at IS NOT NULL, document_id IS NULL
+               FROM job_tasks",
+            &[],
+        )
+        .await
+        .unwrap();
+    for r in &rows {
+        let id: Uuid = r.get(0);
+        assert_eq!(r.get::<_, String>(1), "ingest", "{id}");
+        assert_eq!(r.get::<_, Value>(2), json!({}), "{id}");
+        assert_eq!(r.get::<_, Value>(3), json!([]), "{id}");
+        assert_eq!(r.get::<_, i16>(4), 0, "{id}");
+        assert_eq!(r.get::<_, i32>(5), 5, "{id}");
+        let attempt: i32 = r.get(6);
+        let want_attempt = match id {
+            i if i == pending => 0,
+            i if i == error => 3,
+            _ => 1,
+        };
+        assert_eq!(attempt, want_attempt, "attempt of {id}");
+        // The legacy `processing` row gets an already expired lease.
+        assert_eq!(r.get::<_, bool>(7), id == processing, "lease of {id}");
+        assert_eq!(
+            r.get::<_, bool>(8),
+            id == completed || id == error,
+            "finished_at of {id}"
+        );
+        assert!(r.get::<_, bool>(9));
+        assert!(r.get::<_, bool>(10));
+    }
+
+    // The legacy index is replaced by the claim index.
+    assert!(!exists(c, "idx_tasks_claimable").await);
+    assert!(exists(c, "job_tasks_claim_idx").await);
+    let def: String = one(c, "SELECT pg_get_indexdef('job_tasks_claim_idx'::regclass)").await;
+    assert!(
+        def.contains("(priority, run_at, id)") && def.contains("'pending'"),
+        "{def}"
+    );
+
+    // A plain INSERT with only the app's two fields works.
+    let row = c
+        .query_one(
+            "INSERT INTO job_tasks (filename, file_path) VALUES ('new.txt', '/uploads/new.txt')
+             RETURNING id, batch_id, status::text, task_type, attempt",
+            &[],
+        )
+        .await
+        .unwrap();
+    let plain: Uuid = row.get(0);
+    assert_eq!(row.get::<_, Option<Uuid>>(1), None);
+    assert_eq!(row.get::<_, String>(2), "pending");
+    assert_eq!(row.get::<_, String>(3), "ingest");
+    assert_eq!(row.get::<_, i32>(4), 0);
+
+    // A running worker's sweep gives the legacy `processing` row back; it
+    // then runs and (for now) fails as every ingest job does.
+    let w = WorkerProcess::spawn(&db.url, &[]);
+    for id in [processing, pending, plain] {
+        db.wait_status(id, "error", Duration::from_secs(20)).await;
+        let message: String = c
+            .query_one("SELECT error_message FROM job_tasks WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(message.contains("not implemented yet"), "{id}: {message}");
+    }
+    let row = c
+        .query_one(
+            "SELECT attempt, errors FROM job_tasks WHERE id = $1",
+            &[&processing],
+        )
+        .await
+        .unwrap();
+    // Attempt 1 was interrupted (counted), attempt 2 ran here.
+    assert_eq!(row.get::<_, i32>(0), 2);
+    let errors: Value = row.get(1);
+    assert_eq!(errors[0]["kind"], "lease_expired", "{errors}");
+    assert_eq!(errors[0]["attempt"], 1, "{errors}");
+    assert!(
+        w.logs().contains("reclaimed a job whose lease expired"),
+        "{}",
+        w.logs()
+    );
+
+    // The finished legacy rows were left alone, and batch A rolled up.
+    assert_eq!(db.status(completed).await, "completed");
+    assert_eq!(db.status(error).await, "error");
+    let row = c
+        .query_one(
+            "SELECT status::text, completed_tasks, failed_tasks FROM job_batches WHERE id = $1",
+            &[&batch_a],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "completed_with_errors");
+    assert_eq!(row.get::<_, Option<i32>>(1), Some(0));
+    assert_eq!(row.get::<_, i32>(2), 2);
+}
+
+// Batch rollup ------------------------------------------------------------------
+
+const FAKE_WORKER: &str = "fake-worker-rollup";
+
+struct RealCompleter {
+    handle: CompleterHandle,
+    stop: CancellationToken,
+}
+
+impl RealCompleter {
+    fn start(url: &str) -> RealCompleter {
+        let settings = DatabaseSettings {
+            url: url.to_owned(),
+            pool_size: 4,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let pool = docworker::db::pool(&settings, "docworker test completer").unwrap();
+        let (completer, handle) = Completer::new(
+            pool,
+            FAKE_WORKER.into(),
+            RetryPolicy {
+                base_delay: Duration::from_millis(200),
+                max_delay: Duration::from_secs(2),
+            },
+            Arc::new(Notify::new()),
+        );
+        let stop = CancellationToken::new();
+        tokio::spawn(completer.run(stop.clone()));
+        RealCompleter { handle, stop }
+    }
+}
+
+impl Drop for RealCompleter {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Enqueues a batch of `n` noop tasks; returns (batch, task ids in order).
+async fn enqueue_noops(client: &Client, n: usize) -> (Uuid, Vec<Uuid>) {
+    let tasks: Vec<Value> = (0..n)
+        .map(|i| json!({"filename": format!("f{i}.txt"), "task_type": "noop"}))
+        .collect();
+    let rows = client
+        .query(
+            "SELECT batch_id, task_id FROM docworker_enqueue_batch($1)",
+            &[&Value::Array(tasks)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), n);
+    (rows[0].get(0), rows.iter().map(|r| r.get(1)).collect())
+}
+
+/// Claims every due job for [`FAKE_WORKER`] with the worker's own claim query.
+async fn claim_all(client: &Client, limit: i64) -> Vec<ClaimedJob> {
+    client
+        .query(
+            &docworker::producer::claim_sql(),
+            &[&limit, &FAKE_WORKER, &30.0f64],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(ClaimedJob::from_row)
+        .collect()
+}
+
+async fn batch_state(client: &Client, batch: Uuid) -> (String, i32, i32, bool) {
+    let row = client
+        .query_one(
+            "SELECT status::text, completed_tasks, failed_tasks, finished_at IS NOT NULL
+               FROM job_batches WHERE id = $1",
+            &[&batch],
+        )
+        .await
+        .unwrap();
+    (
+        row.get(0),
+        row.get::<_, Option<i32>>(1).unwrap(),
+        row.get(2),
+        row.get(3),
+    )
+}
+
+fn permutations3() -> Vec<[usize; 3]> {
+    vec![
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_rollup_is_right_in_every_finishing_order() {
+    let db = shared().database(true).await;
+    let completer = RealCompleter::start(&db.url);
+    let c = &db.client;
+
+    // Task i finishes as planned[i]; true = completed, false = permanent error.
+    let cases: Vec<([bool; 3], &str, i32, i32)> = vec![
+        ([true, false, true], "completed_with_errors", 2, 1),
+        ([true, true, true], "completed", 3, 0),
+    ];
+    for (planned, final_status, done, failed) in cases {
+        for order in permutations3() {
+            let (batch, ids) = enqueue_noops(c, 3).await;
+            let claimed = claim_all(c, 10).await;
+            assert_eq!(claimed.len(), 3);
+            assert_eq!(batch_state(c, batch).await, ("pending".into(), 0, 0, false));
+            for (step, &i) in order.iter().enumerate() {
+                let job = claimed.iter().find(|j| j.key.id == ids[i]).unwrap();
+                assert_eq!(job.batch_id, Some(batch));
+                let outcome = if planned[i] {
+                    Outcome::Completed
+                } else {
+                    Outcome::Failed(JobError::permanent("planned failure"))
+                };
+                let written = completer
+                    .handle
+                    .send_and_wait(Finished {
+                        key: job.key,
+                        batch_id: job.batch_id,
+                        outcome,
+                    })
+                    .await;
+                let want = if planned[i] { "completed" } else { "error" };
+                assert_eq!(
+                    written,
+                    Some(Written::Applied {
+                        status: want.into(),
+                        retry_in: None
+                    })
+                );
+                let (status, n_done, n_failed, finished) = batch_state(c, batch).await;
+                let (want_done, want_failed) = order[..=step].iter().fold((0, 0), |(d, f), &k| {
+                    if planned[k] {
+                        (d + 1, f)
+                    } else {
+                        (d, f + 1)
+                    }
+                });
+                assert_eq!(
+                    (n_done, n_failed),
+                    (want_done, want_failed),
+                    "order {order:?} step {step}"
+                );
+                if step < 2 {
+                    assert_eq!(status, "pending", "order {order:?} step {step}");
+                    assert!(!finished, "order {order:?} step {step}");
+                } else {
+                    assert_eq!(status, final_status, "order {order:?}");
+                    assert!(finished, "order {order:?}");
+                    assert_eq!((n_done, n_failed), (done, failed), "order {order:?}");
+                }
+            }
+        }
+    }
+
+    // Retrying a finished task reopens its (finished) batch.
+    let (batch, ids) = enqueue_noops(c, 2).await;
+    for job in claim_all(c, 10).await {
+        let written = completer
+            .handle
+            .send_and_wait(Finished {
+                key: job.key,
+                batch_id: job.batch_id,
+                outcome: Outcome::Completed,
+            })
+            .await;
+        assert!(matches!(written, Some(Written::Applied { .. })));
+    }
+    assert_eq!(
+        batch_state(c, batch).await,
+        ("completed".into(), 2, 0, true)
+    );
+    let ok: bool = c
+        .query_one("SELECT docworker_retry($1)", &[&ids[1]])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ok);
+    assert_eq!(batch_state(c, batch).await, ("pending".into(), 1, 0, false));
+    // ... and finishing it again closes the batch again.
+    let claimed = claim_all(c, 10).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].key.id, ids[1]);
+    completer
+        .handle
+        .send_and_wait(Finished {
+            key: claimed[0].key,
+            batch_id: claimed[0].batch_id,
+            outcome: Outcome::Completed,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        batch_state(c, batch).await,
+        ("completed".into(), 2, 0, true)
+    );
+}
+
+/// Waits until backend `pid` waits on a lock.
+async fn wait_until_blocked(observer: &Client, pid: i32) {
+    let start = Instant::now();
+    loop {
+        let waiting: Option<String> = observer
+            .query_one(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting.as_deref() == Some("Lock") {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "backend {pid} never blocked on the batch lock (wait_event_type {waiting:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Two tasks of one batch finish in two concurrent transactions; the second
+/// blocks on the batch lock in the rollup trigger until the first commits.
+async fn finish_concurrently(db: &TestDb, first: &str, second: &str) -> (String, i32, i32, bool) {
+    let (batch, ids) = enqueue_noops(&db.client, 2).await;
+    assert_eq!(claim_all(&db.client, 10).await.len(), 2);
+
+    let c1 = connect(&db.url).await;
+    let c2 = connect(&db.url).await;
+    let pid2: i32 = one(&c2, "SELECT pg_backend_pid()").await;
+
+    c1.batch_execute("BEGIN").await.unwrap();
+    c1.execute(
+        "UPDATE job_tasks SET status = $2 WHERE id = $1",
+        &[&ids[0], &first],
+    )
+    .await
+    .unwrap();
+    // Inside transaction 1 the batch is not finished yet: task 2 is running.
+    assert_eq!(batch_state(&c1, batch).await.0, "pending");
+
+    c2.batch_execute("BEGIN").await.unwrap();
+    let second = second.to_owned();
+    let task2 = ids[1];
+    let t2 = tokio::spawn(async move {
+        c2.execute(
+            "UPDATE job_tasks SET status = $2 WHERE id = $1",
+            &[&task2, &second],
+        )
+        .await
+        .unwrap();
+        c2
+    });
+    wait_until_blocked(&db.client, pid2).await;
+    assert!(!t2.is_finished());
+
+    c1.batch_execute("COMMIT").await.unwrap();
+    let c2 = tokio::time::timeout(Duration::from_secs(10), t2)
+        .await
+        .expect("transaction 2 still blocked after transaction 1 committed")
+        .unwrap();
+    c2.batch_execute("COMMIT").await.unwrap();
+    batch_state(&db.client, batch).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_finishes_never_leave_a_batch_pending() {
+    let db = shared().database(true).await;
+    for (first, second, want) in [
+        ("completed", "completed", ("completed", 2, 0)),
+        ("error", "completed", ("completed_with_errors", 1, 1)),
+        ("completed", "error", ("completed_with_errors", 1, 1)),
+        ("error", "error", ("completed_with_errors", 0, 2)),
+    ] {
+        let got = finish_concurrently(&db, first, second).await;
+        assert_eq!(
+            got,
+            (want.0.to_owned(), want.1, want.2, true),
+            "{first} then {second}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_batch_creates_one_batch_and_its_tasks() {
+    let db = shared().database(true).await;
+    let c = &db.client;
+    let rows = c
+        .query(
+            "SELECT batch_id, task_id, filename FROM docworker_enqueue_batch($1)",
+            &[&json!([
+                {"filename": "a.pdf", "file_path": "/uploads/a.pdf"},
+                {"filename": "b.txt", "file_path": "/uploads/b.txt"},
+                {"filename": "c.md", "file_path": "/uploads/c.md", "task_type": "noop", "priority": 3},
+            ])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    let batch: Uuid = rows[0].get(0);
+    assert!(rows.iter().all(|r| r.get::<_, Uuid>(0) == batch));
+    let names: Vec<String> = rows.iter().map(|r| r.get(2)).collect();
+    assert_eq!(names, ["a.pdf", "b.txt", "c.md"]);
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.get(1)).collect();
+
+    let row = c
+        .query_one(
+            "SELECT total_tasks, status::text FROM job_batches WHERE id = $1",
+            &[&batch],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 3);
+    assert_eq!(row.get::<_, String>(1), "pending");
+    assert_eq!(db.count("SELECT count(*) FROM job_batches").await, 1);
+
+    let tasks = c
+        .query(
+            "SELECT id, batch_id, filename::text, file_path, task_type, status::text, priority
+               FROM job_tasks ORDER BY filename",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(tasks.len(), 3);
+    for (t, (name, id)) in tasks.iter().zip(names.iter().zip(&ids)) {
+        assert_eq!(t.get::<_, Uuid>(0), *id);
+        assert_eq!(t.get::<_, Option<Uuid>>(1), Some(batch));
+        assert_eq!(&t.get::<_, String>(2), name);
+        assert_eq!(
+            t.get::<_, Option<String>>(3),
+            Some(format!("/uploads/{name}"))
+        );
+        assert_eq!(t.get::<_, String>(5), "pending");
+    }
+    assert_eq!(tasks[0].get::<_, String>(4), "ingest");
+    assert_eq!(tasks[2].get::<_, String>(4), "noop");
+    assert_eq!(tasks[2].get::<_, i16>(6), 3);
+
+    for bad in [json!([]), json!({"filename": "a"}), json!("a.pdf")] {
+        let err = c
+            .query("SELECT * FROM docworker_enqueue_batch($1)", &[&bad])
+            .await
+            .expect_err("an empty or non-array task list must be refused");
+        let message = err.as_db_error().map(|e| e.message()).unwrap_or_default();
+        assert!(
+            message.contains("expects a non-empty JSON array of tasks"),
+            "{bad}: {err:?}"
+        );
+    }
+    assert_eq!(db.count("SELECT count(*) FROM job_batches").await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM job_tasks").await, 3);
+}
+
+/// Every node of an EXPLAIN (FORMAT JSON) plan.
+fn plan_nodes<'a>(node: &'a Value, out: &mut Vec<&'a Value>) {
+    out.push(node);
+    if let Some(children) = node["Plans"].as_array() {
+        for child in children {
+            plan_nodes(child, out);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_reads_only_the_partial_index_among_a_million_finished_rows() {
+    let db = shared().database(true).await;
+    let c = &db.client;
+    let started = Instant::now();
+    c.batch_execute(
+        // Ascending ids (instead of the random default) append to the primary
+        // key instead of touching a random page per row: a third faster.
+        "INSERT INTO job_tasks (id, filename, task_type, status, attempt, started_at, finished_at, stage)
+         SELECT lpad(to_hex(g), 32, '0')::uuid, 'done-' || g, 'noop', 'completed', 1, now(), now(), 'done'
+           FROM generate_series(1, 1000000) g",
+    )
+    .await
+    .unwrap();
+    let inserted = started.elapsed();
+    let pending = db.noop_jobs(5, json!({})).await;
+    c.batch_execute("ANALYZE job_tasks").await.unwrap();
+    println!(
+        "inserted 1,000,000 finished rows in {:.1}s (analyze included: {:.1}s)",
+        inserted.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let sql = docworker::producer::claim_sql()
+        .replace("$1", "1")
+        .replace("$2", "'explain-worker'")
+        .replace("$3", "30");
+    assert!(!sql.contains('$'), "{sql}");
+    c.batch_execute("BEGIN").await.unwrap();
+    let plan: Value = c
+        .query_one(&format!("EXPLAIN (ANALYZE, FORMAT JSON) {sql}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute("ROLLBACK").await.unwrap();
+
+    let mut nodes = Vec::new();
+    plan_nodes(&plan[0]["Plan"], &mut nodes);
+    let uses_claim_index = nodes
+        .iter()
+        .any(|n| n["Index Name"] == "job_tasks_claim_idx");
+    let seq_scans: Vec<_> = nodes
+        .iter()
+        .filter(|n| n["Node Type"] == "Seq Scan" && n["Relation Name"] == "job_tasks")
+        .collect();
+    assert!(
+        uses_claim_index,
+        "the claim does not use job_tasks_claim_idx: {plan:#}"
+    );
+    assert!(
+        seq_scans.is_empty(),
+        "the claim scans job_tasks sequentially: {plan:#}"
+    );
+    // It really claimed one of the pending jobs (then rolled back).
+    assert_eq!(plan[0]["Plan"]["Actual Rows"], 1, "{plan:#}");
+    println!(
+        "claim among 1,000,005 rows: planning {} ms, execution {} ms",
+        plan[0]["Planning Time"], plan[0]["Execution Time"]
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM job_tasks WHERE status = 'pending'")
+            .await,
+        pending.len() as i64
+    );
+}

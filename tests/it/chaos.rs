@@ -430,7 +430,7 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
     let (_, _, b_id) = wait_row(
         &db,
         id,
-        "status = 'processing' AND attempt = 2",
+        "status = 'processing' AND attempt = 2 AND stage = 'sleeping'",
         Duration::from_secs(30),
     )
     .await;
@@ -749,22 +749,29 @@ async fn killed_listen_connection_is_reestablished_and_refetches() {
     assert_eq!(listener_pids(&db).await, vec![third]);
 }
 
-/// PostgreSQL restarts under a running daemon: no job is lost or stuck.
+/// PostgreSQL restarts under a running daemon, once quickly and once with
+/// the database unreachable for longer than a lease: no job is lost or stuck.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_restart_loses_no_jobs() {
-    const BEFORE: i64 = 400;
-    const AFTER: i64 = 200;
+    const FIRST: i64 = 400;
+    const SECOND: i64 = 200;
+    const LAST: i64 = 100;
+    const LONG: i64 = 2;
     let cluster = Cluster::start_throwaway(false);
     let mut db = cluster.database(true).await;
+    let dbname: String = db
+        .client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
     let insert = "INSERT INTO job_tasks (filename, task_type, options)
                   SELECT 'restart-' || g, 'noop', jsonb_build_object('sleep_ms', floor(random() * 40)::int)
                     FROM generate_series(1, $1::int) g";
-    db.client
-        .execute(insert, &[&(BEFORE as i32)])
-        .await
-        .unwrap();
+    db.client.execute(insert, &[&(FIRST as i32)]).await.unwrap();
     let mut w = WorkerProcess::spawn(&db.url, &[("DOCWORKER__WORKER__CONCURRENCY", "4")]);
 
+    // 1. A plain restart while the queue drains.
     db.wait_count(
         "SELECT least(count(*), 40) FROM job_tasks WHERE status = 'completed'",
         40,
@@ -781,43 +788,99 @@ async fn database_restart_loses_no_jobs() {
     );
     tokio::task::block_in_place(|| cluster.restart());
     db.client = connect(&db.url).await;
+    let second_start = started_at(&db).await;
+    assert_ne!(second_start, first_start, "the server did not restart");
+    eprintln!("restarted PostgreSQL with {unfinished} of {FIRST} jobs unfinished");
+
+    // 2. A restart after which the database stays unreachable for longer
+    // than a lease (3s), while two long jobs run: their leases run out.
+    db.client
+        .execute(
+            "INSERT INTO job_tasks (filename, task_type, options, priority)
+             SELECT 'long-' || g, 'noop', '{\"sleep_ms\": 6000}', -1 FROM generate_series(1, $1::int) g",
+            &[&(LONG as i32)],
+        )
+        .await
+        .unwrap();
+    db.client
+        .execute(insert, &[&(SECOND as i32)])
+        .await
+        .unwrap();
+    db.wait_count(
+        "SELECT count(*) FROM job_tasks WHERE priority = -1 AND status = 'processing' AND stage = 'sleeping'",
+        LONG,
+        Duration::from_secs(30),
+    )
+    .await;
+    let admin = connect(cluster.admin_url()).await;
+    admin
+        .batch_execute(&format!("ALTER DATABASE {dbname} ALLOW_CONNECTIONS false"))
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| cluster.restart());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let admin = connect(cluster.admin_url()).await;
+    admin
+        .batch_execute(&format!("ALTER DATABASE {dbname} ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    db.client = connect(&db.url).await;
     assert_ne!(
         started_at(&db).await,
-        first_start,
+        second_start,
         "the server did not restart"
     );
-    eprintln!("restarted PostgreSQL with {unfinished} of {BEFORE} jobs unfinished");
 
-    db.client.execute(insert, &[&(AFTER as i32)]).await.unwrap();
-    wait_all_completed(&db, BEFORE + AFTER, Duration::from_secs(90)).await;
+    // 3. More work after the restarts.
+    db.client.execute(insert, &[&(LAST as i32)]).await.unwrap();
+    let total = FIRST + SECOND + LAST + LONG;
+    wait_all_completed(&db, total, Duration::from_secs(90)).await;
     assert_eq!(
         db.count("SELECT count(*) FROM job_tasks").await,
-        BEFORE + AFTER,
+        total,
         "jobs appeared or vanished"
     );
-    let reruns = db
-        .count("SELECT count(*) FROM job_tasks WHERE attempt > 1")
-        .await;
-    eprintln!("jobs run again after the restart (lease expired): {reruns}");
     assert_eq!(
         db.count(
-            "SELECT count(*) FROM job_tasks WHERE locked_by IS NOT NULL OR finished_at IS NULL"
+            "SELECT count(*) FROM job_tasks WHERE locked_by IS NOT NULL OR locked_until IS NOT NULL
+                OR finished_at IS NULL"
         )
         .await,
         0
     );
+    // The long jobs lost their leases during the outage and ran again; every
+    // job that ran twice says why.
+    let long_rerun = db
+        .count(
+            "SELECT count(*) FROM job_tasks WHERE priority = -1 AND attempt = 2
+                AND jsonb_array_length(errors) = 1 AND errors->0->>'kind' = 'lease_expired'",
+        )
+        .await;
+    assert_eq!(long_rerun, LONG);
+    let unexplained = db
+        .count(
+            "SELECT count(*) FROM job_tasks
+              WHERE jsonb_array_length(errors) <> attempt - 1
+                 OR EXISTS (SELECT 1 FROM jsonb_array_elements(errors) e
+                             WHERE e->>'kind' <> 'lease_expired')",
+        )
+        .await;
+    assert_eq!(
+        unexplained, 0,
+        "jobs ran again without a lease_expired entry"
+    );
+    let reruns = db
+        .count("SELECT count(*) FROM job_tasks WHERE attempt > 1")
+        .await;
+    eprintln!("jobs run again because their lease expired: {reruns} of {total}");
 
-    // The daemon saw the outage, lived through it, listens again, and still
-    // shuts down cleanly.
+    // The daemon saw the outages, lived through them, listens again, and
+    // still shuts down cleanly.
     let logs = w.logs();
     assert!(logs.contains("LISTEN connection lost"), "{logs}");
-    for line in logs.lines().filter(|l| l.contains("WARN")) {
-        eprintln!("DBG {line}");
-    }
     assert!(
         w.child.try_wait().unwrap().is_none(),
-        "the worker died:\n{}",
-        w.logs()
+        "the worker died:\n{logs}"
     );
     wait_new_listener(&db, &[], Duration::from_secs(20)).await;
     w.signal("TERM");
@@ -840,7 +903,7 @@ async fn sigterm_finishes_short_jobs_and_hands_back_long_ones() {
         .client
         .query(
             "INSERT INTO job_tasks (filename, task_type, options)
-             VALUES ('short', 'noop', '{\"sleep_ms\": 1000}'), ('long', 'noop', '{\"sleep_ms\": 60000}')
+             VALUES ('short', 'noop', '{\"sleep_ms\": 1200}'), ('long', 'noop', '{\"sleep_ms\": 60000}')
              RETURNING id",
             &[],
         )

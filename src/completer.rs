@@ -1,31 +1,28 @@
-//! The completer: writes every job's final outcome, many jobs per statement.
+//! The completer: records how job attempts ended, many per statement, and in
+//! the same statement claims the jobs that take over their slots.
 //!
-//! Executors hand it an outcome and move on; it drains whatever has queued up
-//! since its last write and records it all in one fenced UPDATE. Under load
-//! that is hundreds of jobs per commit; when idle, one job is written as soon
-//! as it finishes. A write that fails (database down) is retried until it
-//! lands or the process is told to exit at once.
+//! Recording an outcome and refilling the slot it frees are one round trip
+//! and one commit: a busy worker spends one statement per batch of finished
+//! jobs, not two per job, and the table never shows more `processing` rows
+//! for a worker than it has slots. Every write is fenced by
+//! (id, attempt, worker id), so a worker that lost a job changes nothing.
 //!
-//! Outcomes are turned into row states in SQL, from the row itself: whether
-//! a transient failure is retried depends on `attempt < max_attempts`, and
-//! the retry time comes from the database clock (see `retry`).
+//! Outcomes become row states in SQL, from the row itself: whether a
+//! transient failure is retried depends on `attempt < max_attempts`, and the
+//! retry time comes from the database clock (see `retry`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use deadpool_postgres::Pool;
-use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::job::{Attempt, JobError};
+use crate::job::{Attempt, ClaimedJob, JobError};
+use crate::producer::{claim_columns, claim_set};
 use crate::retry::RetryPolicy;
-
-/// Outcomes written per statement at most.
-const MAX_BATCH: usize = 2_000;
 
 /// How a job attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +41,7 @@ pub struct Finished {
     pub outcome: Outcome,
 }
 
-/// The row's state after the completer wrote it.
+/// The row's state after an outcome was written.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Written {
     /// `status` is the new status; `retry_in` is set when it waits for a retry.
@@ -56,109 +53,42 @@ pub enum Written {
     Rejected,
 }
 
-type Reply = Option<oneshot::Sender<Written>>;
-
-#[derive(Clone)]
-pub struct CompleterHandle {
-    tx: mpsc::UnboundedSender<(Finished, Reply)>,
-}
-
-impl CompleterHandle {
-    pub fn send(&self, finished: Finished) {
-        if self.tx.send((finished, None)).is_err() {
-            tracing::error!("completer stopped; an outcome was dropped and its job will be retried after its lease expires");
-        }
-    }
-
-    /// Sends and waits until the outcome is written (for `worker --once`).
-    pub async fn send_and_wait(&self, finished: Finished) -> Option<Written> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send((finished, Some(tx))).ok()?;
-        rx.await.ok()
-    }
+/// What one write cycle did.
+#[derive(Debug)]
+pub struct Cycle {
+    /// One entry per outcome given, in order.
+    pub written: Vec<Written>,
+    pub claimed: Vec<ClaimedJob>,
+    /// When the claim was sent: the leases of `claimed` run from here.
+    pub claimed_at: Instant,
 }
 
 pub struct Completer {
-    pool: Pool,
     worker_id: Arc<str>,
     policy: RetryPolicy,
-    rx: mpsc::UnboundedReceiver<(Finished, Reply)>,
-    /// Wakes the producer when a retry comes due.
-    wake: Arc<tokio::sync::Notify>,
+    lease: Duration,
     sql: String,
 }
 
 impl Completer {
-    pub fn new(
-        pool: Pool,
-        worker_id: Arc<str>,
-        policy: RetryPolicy,
-        wake: Arc<tokio::sync::Notify>,
-    ) -> (Completer, CompleterHandle) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let completer = Completer {
-            pool,
+    pub fn new(worker_id: Arc<str>, policy: RetryPolicy, lease: Duration) -> Completer {
+        Completer {
             worker_id,
             policy,
-            rx,
-            wake,
-            sql: complete_sql(),
-        };
-        (completer, CompleterHandle { tx })
-    }
-
-    /// Runs until every handle is dropped and the queue is written, or
-    /// until `abandon` fires (exit at once: unwritten jobs come back by lease expiry).
-    pub async fn run(mut self, abandon: CancellationToken) {
-        let mut pending: Vec<(Finished, Reply)> = Vec::new();
-        loop {
-            if pending.is_empty() {
-                match self.rx.recv().await {
-                    Some(item) => pending.push(item),
-                    None => return,
-                }
-            }
-            while pending.len() < MAX_BATCH {
-                match self.rx.try_recv() {
-                    Ok(item) => pending.push(item),
-                    Err(_) => break,
-                }
-            }
-            let mut delay = Duration::from_millis(50);
-            loop {
-                match self.write(&pending).await {
-                    Ok(results) => {
-                        for ((_, reply), written) in pending.drain(..).zip(results) {
-                            if let Some(reply) = reply {
-                                let _ = reply.send(written);
-                            }
-                        }
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), jobs = pending.len(), "could not record job outcomes; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = abandon.cancelled() => {
-                                tracing::warn!(jobs = pending.len(), "exiting with unrecorded outcomes; those jobs run again after their leases expire");
-                                return;
-                            }
-                        }
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
+            lease,
+            sql: complete_and_claim_sql(),
         }
     }
 
-    async fn write(&self, items: &[(Finished, Reply)]) -> Result<Vec<Written>> {
-        let mut ids = Vec::with_capacity(items.len());
-        let mut attempts = Vec::with_capacity(items.len());
-        let mut outcomes = Vec::with_capacity(items.len());
-        let mut kinds: Vec<Option<&str>> = Vec::with_capacity(items.len());
-        let mut messages: Vec<Option<&str>> = Vec::with_capacity(items.len());
+    /// Records `finished` and claims up to `claim` due jobs, atomically.
+    pub async fn write(&self, pool: &Pool, finished: &[Finished], claim: i64) -> Result<Cycle> {
+        let mut ids = Vec::with_capacity(finished.len());
+        let mut attempts = Vec::with_capacity(finished.len());
+        let mut outcomes = Vec::with_capacity(finished.len());
+        let mut kinds: Vec<Option<&str>> = Vec::with_capacity(finished.len());
+        let mut messages: Vec<Option<&str>> = Vec::with_capacity(finished.len());
         let mut batches = BTreeSet::new();
-        for (f, _) in items {
+        for f in finished {
             ids.push(f.key.id);
             attempts.push(f.key.attempt);
             let (outcome, kind, message) = match &f.outcome {
@@ -173,13 +103,14 @@ impl Completer {
         }
         let (base, max) = self.policy.params();
         let worker_id: &str = &self.worker_id;
-
+        let lease = self.lease.as_secs_f64();
         let handed_back = outcomes.contains(&"handback");
-        let params: [&(dyn ToSql + Sync); 8] = [
-            &ids, &attempts, &outcomes, &kinds, &messages, &base, &max, &worker_id,
+        let params: [&(dyn ToSql + Sync); 10] = [
+            &ids, &attempts, &outcomes, &kinds, &messages, &base, &max, &worker_id, &claim, &lease,
         ];
 
-        let mut client = self.pool.get().await?;
+        let mut client = pool.get().await?;
+        let claimed_at = Instant::now();
         let rows = if batches.is_empty() && !handed_back {
             // The common case is one autocommit statement: one round trip.
             let stmt = client.prepare_cached(&self.sql).await?;
@@ -188,7 +119,7 @@ impl Completer {
             let tx = client.transaction().await?;
             if !batches.is_empty() {
                 // Lock the batches in one order before the rollup trigger
-                // does, so two completers never lock them crosswise.
+                // does, so two workers never lock them crosswise.
                 let batches: Vec<Uuid> = batches.into_iter().collect();
                 let lock = tx
                     .prepare_cached(
@@ -208,42 +139,47 @@ impl Completer {
             rows
         };
 
-        let mut written = std::collections::HashMap::with_capacity(rows.len());
-        for row in rows {
-            let id: Uuid = row.get(0);
-            let status: String = row.get(1);
-            let retry_in: Option<f64> = row.get(2);
-            let retry_in = retry_in.map(|s| Duration::from_secs_f64(s.max(0.0)));
-            if let Some(delay) = retry_in {
-                self.wake_after(delay);
+        let mut written = HashMap::with_capacity(finished.len());
+        let mut claimed = Vec::new();
+        for row in &rows {
+            if row.get::<_, bool>(0) {
+                claimed.push(ClaimedJob::from_row_at(row, 1));
+            } else {
+                let id: Uuid = row.get(1);
+                let status: String = row.get(10);
+                let retry_in: Option<f64> = row.get(11);
+                let retry_in = retry_in.map(|s| Duration::from_secs_f64(s.max(0.0)));
+                written.insert(id, Written::Applied { status, retry_in });
             }
-            written.insert(id, Written::Applied { status, retry_in });
         }
-        Ok(items
+        let written = finished
             .iter()
-            .map(|(f, _)| match written.remove(&f.key.id) {
+            .map(|f| match written.remove(&f.key.id) {
                 Some(w) => w,
                 None => {
                     tracing::warn!(job = %f.key.id, attempt = f.key.attempt,
-                        "outcome not recorded: the job was cancelled or taken over by another worker after its lease expired");
+                        "outcome not recorded: the job was cancelled, or taken over by another worker after its lease expired");
                     Written::Rejected
                 }
             })
-            .collect())
-    }
-
-    /// A retry that comes due should not wait for the next poll.
-    fn wake_after(&self, delay: Duration) {
-        let wake = self.wake.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            wake.notify_one();
-        });
+            .collect();
+        Ok(Cycle {
+            written,
+            claimed,
+            claimed_at,
+        })
     }
 }
 
-fn complete_sql() -> String {
+/// $1..$5 the outcomes (id, attempt, outcome, kind, message), $6/$7 retry
+/// base/max seconds, $8 worker id, $9 how many jobs to claim, $10 lease seconds.
+///
+/// Both halves see the statement's snapshot, so a job handed back or
+/// scheduled for retry here is never claimed again by the same statement.
+pub fn complete_and_claim_sql() -> String {
     let retry_at = RetryPolicy::retry_at_sql("t.attempt", "$6", "$7");
+    let claim_set = claim_set("$8", "$10");
+    let claim_columns = claim_columns();
     format!(
         r#"
 WITH o AS (
@@ -254,39 +190,55 @@ WITH o AS (
            (o.outcome = 'failed' AND o.kind = 'transient' AND t.attempt < t.max_attempts) AS will_retry,
            {retry_at} AS retry_at
       FROM o JOIN job_tasks t ON t.id = o.id
+), done AS (
+    UPDATE job_tasks t SET
+        status = CASE
+            WHEN p.outcome = 'completed' THEN 'completed'
+            WHEN p.outcome = 'handback' OR p.will_retry THEN 'pending'
+            ELSE 'error' END,
+        attempt = CASE WHEN p.outcome = 'handback' THEN t.attempt - 1 ELSE t.attempt END,
+        run_at = CASE
+            WHEN p.will_retry THEN p.retry_at
+            WHEN p.outcome = 'handback' THEN now()
+            ELSE t.run_at END,
+        finished_at = CASE WHEN p.outcome = 'handback' OR p.will_retry THEN NULL ELSE now() END,
+        stage = CASE WHEN p.outcome = 'completed' THEN 'done' ELSE t.stage END,
+        error_message = CASE
+            WHEN p.outcome = 'completed' THEN NULL
+            WHEN p.outcome = 'handback' THEN t.error_message
+            WHEN p.will_retry THEN format('Attempt %s of %s failed: %s Retrying at %s.',
+                t.attempt, t.max_attempts, p.message,
+                to_char(p.retry_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'))
+            WHEN p.kind = 'transient' THEN format('Gave up after %s attempts. Last error: %s',
+                t.attempt, p.message)
+            ELSE p.message END,
+        errors = CASE WHEN p.message IS NULL THEN t.errors
+            ELSE t.errors || jsonb_build_array(jsonb_build_object(
+                'attempt', t.attempt, 'at', now(), 'kind', p.kind,
+                'message', p.message, 'worker', $8::text)) END,
+        locked_by = NULL,
+        locked_until = NULL,
+        updated_at = now()
+    FROM p
+    WHERE t.id = p.id AND t.attempt = p.attempt AND t.locked_by = $8 AND t.status = 'processing'
+    RETURNING t.id, t.status::text AS status,
+        CASE WHEN p.will_retry THEN extract(epoch FROM p.retry_at - now())::float8 END AS retry_in
+), c AS MATERIALIZED (
+    SELECT id FROM job_tasks
+     WHERE status = 'pending' AND run_at <= now()
+     ORDER BY priority, run_at, id
+     LIMIT $9
+     FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE job_tasks t SET {claim_set}
+      FROM c WHERE t.id = c.id
+    RETURNING {claim_columns}
 )
-UPDATE job_tasks t SET
-    status = CASE
-        WHEN p.outcome = 'completed' THEN 'completed'
-        WHEN p.outcome = 'handback' OR p.will_retry THEN 'pending'
-        ELSE 'error' END,
-    attempt = CASE WHEN p.outcome = 'handback' THEN t.attempt - 1 ELSE t.attempt END,
-    run_at = CASE
-        WHEN p.will_retry THEN p.retry_at
-        WHEN p.outcome = 'handback' THEN now()
-        ELSE t.run_at END,
-    finished_at = CASE WHEN p.outcome = 'handback' OR p.will_retry THEN NULL ELSE now() END,
-    stage = CASE WHEN p.outcome = 'completed' THEN 'done' ELSE t.stage END,
-    error_message = CASE
-        WHEN p.outcome = 'completed' THEN NULL
-        WHEN p.outcome = 'handback' THEN t.error_message
-        WHEN p.will_retry THEN format('Attempt %s of %s failed: %s Retrying at %s.',
-            t.attempt, t.max_attempts, p.message,
-            to_char(p.retry_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'))
-        WHEN p.kind = 'transient' THEN format('Gave up after %s attempts. Last error: %s',
-            t.attempt, p.message)
-        ELSE p.message END,
-    errors = CASE WHEN p.message IS NULL THEN t.errors
-        ELSE t.errors || jsonb_build_array(jsonb_build_object(
-            'attempt', t.attempt, 'at', now(), 'kind', p.kind,
-            'message', p.message, 'worker', $8::text)) END,
-    locked_by = NULL,
-    locked_until = NULL,
-    updated_at = now()
-FROM p
-WHERE t.id = p.id AND t.attempt = p.attempt AND t.locked_by = $8 AND t.status = 'processing'
-RETURNING t.id, t.status::text,
-    CASE WHEN p.will_retry THEN extract(epoch FROM p.retry_at - now())::float8 END
+SELECT true, claimed.*, NULL::text, NULL::float8 FROM claimed
+UNION ALL
+SELECT false, done.id, NULL::int, NULL::int, NULL::text, NULL::text, NULL::text,
+       NULL::uuid, NULL::jsonb, NULL::uuid, done.status, done.retry_in
+  FROM done
 "#
     )
 }

@@ -10,10 +10,6 @@ use serde_json::Value;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-/// The columns the claim returns, in this order.
-pub const CLAIM_COLUMNS: &str = "t.id, t.attempt, t.max_attempts, t.task_type, t.filename, \
-     t.file_path, coalesce(t.document_id, t.id), t.options, t.batch_id";
-
 /// Identifies one attempt of one job: the fencing token of every write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Attempt {
@@ -35,19 +31,20 @@ pub struct ClaimedJob {
 }
 
 impl ClaimedJob {
-    pub fn from_row(row: &Row) -> ClaimedJob {
+    /// Reads the columns of `producer::claim_columns`, starting at `at`.
+    pub fn from_row_at(row: &Row, at: usize) -> ClaimedJob {
         ClaimedJob {
             key: Attempt {
-                id: row.get(0),
-                attempt: row.get(1),
+                id: row.get(at),
+                attempt: row.get(at + 1),
             },
-            max_attempts: row.get(2),
-            task_type: row.get(3),
-            filename: row.get(4),
-            file_path: row.get(5),
-            document_id: row.get(6),
-            options: row.get(7),
-            batch_id: row.get(8),
+            max_attempts: row.get(at + 2),
+            task_type: row.get(at + 3),
+            filename: row.get(at + 4),
+            file_path: row.get(at + 5),
+            document_id: row.get(at + 6),
+            options: row.get(at + 7),
+            batch_id: row.get(at + 8),
         }
     }
 }

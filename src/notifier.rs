@@ -31,8 +31,6 @@ pub struct Notifier {
     pub jobs: Arc<Notify>,
     /// Wakes the heartbeat, which finds out which job was cancelled.
     pub cancels: Arc<Notify>,
-    /// Tells the worker (for readiness and `--once`) the listener is up.
-    pub connected: tokio::sync::watch::Sender<bool>,
 }
 
 impl Notifier {
@@ -44,7 +42,6 @@ impl Notifier {
                 _ = stop.cancelled() => return,
                 r = self.listen_once(&stop) => r,
             };
-            let _ = self.connected.send(false);
             if stop.is_cancelled() {
                 return;
             }
@@ -108,7 +105,6 @@ impl Notifier {
             .context("LISTEN")?;
         let since = tokio::time::Instant::now();
         tracing::info!("listening for job notifications");
-        let _ = self.connected.send(true);
         // Whatever was announced while we were not listening is lost: look now.
         self.jobs.notify_one();
 

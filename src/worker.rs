@@ -1,20 +1,20 @@
-//! The worker: wires notifier, producer, executors, heartbeat, completer and
+//! The worker: wires notifier, producer, executors, heartbeat and
 //! maintenance together, and takes them down in order on shutdown.
 //!
-//! Also the single-job mode behind `worker --once`, which reuses the same
-//! claim, executor, heartbeat and completer so that it behaves exactly like
-//! one slot of the daemon.
+//! Also the single-job mode behind `worker --once`, which uses the same
+//! claim, executor, heartbeat and completer, so it behaves exactly like one
+//! slot of the daemon.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use deadpool_postgres::Pool;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::completer::{Completer, CompleterHandle, Written};
+use crate::completer::{Completer, Finished, Written};
 use crate::config::Settings;
 use crate::executor::Executor;
 use crate::heartbeat::Heartbeat;
@@ -27,8 +27,8 @@ use crate::running::{RunningJobs, StopReason};
 use crate::shutdown::Shutdown;
 use crate::{db, schema};
 
-/// How long handed-back jobs and the last outcomes get to be written after
-/// the grace period.
+/// How long the last outcomes (handed-back jobs included) get to be written
+/// after the grace period.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A fresh id per process start: host, pid and a random suffix, so that a
@@ -53,12 +53,8 @@ struct Core {
     wake: Arc<Notify>,
     cancels: Arc<Notify>,
     executor: Arc<Executor>,
-    completer: CompleterHandle,
-    completer_task: tokio::task::JoinHandle<()>,
     /// Stops the heartbeat, notifier and maintenance at the very end.
     background: CancellationToken,
-    /// Fires when the process must stop writing and go.
-    abandon: CancellationToken,
 }
 
 impl Core {
@@ -71,19 +67,9 @@ impl Core {
             schema::ensure_current(&client).await?;
         }
         let running = Arc::new(RunningJobs::default());
-        let wake = Arc::new(Notify::new());
         let cancels = Arc::new(Notify::new());
         let background = CancellationToken::new();
-        let abandon = CancellationToken::new();
         let w = &settings.worker;
-
-        let (completer, handle) = Completer::new(
-            pool.clone(),
-            worker_id.clone(),
-            RetryPolicy::from_settings(&settings.retry),
-            wake.clone(),
-        );
-        let completer_task = tokio::spawn(completer.run(abandon.clone()));
         tokio::spawn(
             Heartbeat {
                 pool: pool.clone(),
@@ -107,49 +93,19 @@ impl Core {
             pool,
             worker_id,
             running,
-            wake,
+            wake: Arc::new(Notify::new()),
             cancels,
             executor,
-            completer: handle,
-            completer_task,
             background,
-            abandon,
         })
     }
 
-    fn start_notifier(&self, settings: &Settings) -> tokio::sync::watch::Receiver<bool> {
-        let (connected, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(
-            Notifier {
-                db: settings.database.clone(),
-                application_name: format!("docworker-listener {}", self.worker_id),
-                jobs: self.wake.clone(),
-                cancels: self.cancels.clone(),
-                connected,
-            }
-            .run(self.background.clone()),
-        );
-        rx
-    }
-
-    /// Lets the completer write what is queued, then stops the rest.
-    async fn finish(self) {
-        let Core {
-            completer,
-            completer_task,
-            background,
-            abandon,
-            ..
-        } = self;
-        drop(completer);
-        if tokio::time::timeout(FINAL_WRITE_TIMEOUT, completer_task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("gave up writing the last job outcomes; those jobs run again after their leases expire");
-            abandon.cancel();
-        }
-        background.cancel();
+    fn completer(&self, settings: &Settings) -> Completer {
+        Completer::new(
+            self.worker_id.clone(),
+            RetryPolicy::from_settings(&settings.retry),
+            settings.worker.lease_duration,
+        )
     }
 }
 
@@ -177,7 +133,15 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
     let core = Core::start(settings, &shutdown).await?;
     let w = &settings.worker;
     if w.listen {
-        core.start_notifier(settings);
+        tokio::spawn(
+            Notifier {
+                db: settings.database.clone(),
+                application_name: format!("docworker-listener {}", core.worker_id),
+                jobs: core.wake.clone(),
+                cancels: core.cancels.clone(),
+            }
+            .run(core.background.clone()),
+        );
     } else {
         tracing::info!(poll_interval = ?w.poll_interval, "poll-only mode: not listening for notifications");
     }
@@ -192,34 +156,29 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
         .run(core.background.clone()),
     );
 
-    let slots = Arc::new(Semaphore::new(w.concurrency));
-    let producer = tokio::spawn(
+    let abandon = CancellationToken::new();
+    let mut producer = tokio::spawn(
         Producer {
             pool: core.pool.clone(),
             concurrency: w.concurrency,
-            worker_id: core.worker_id.clone(),
-            slots: slots.clone(),
             executor: core.executor.clone(),
-            completer: core.completer.clone(),
+            completer: core.completer(settings),
             wake: core.wake.clone(),
             poll_interval: w.poll_interval,
-            lease: w.lease_duration,
         }
-        .run(shutdown.token()),
+        .run(shutdown.token(), abandon.clone()),
     );
     tracing::info!(concurrency = w.concurrency, "ready");
 
     shutdown.begun().await;
-    producer.await.ok();
-
-    // Phase two: running jobs get the grace period, then are stopped and
-    // handed back. All slots free means every executor has sent its outcome.
-    let all = w.concurrency as u32;
+    // Phase two: the producer stops claiming and returns once every running
+    // job's outcome is written. Running jobs get the grace period, then are
+    // stopped, which hands them back.
     let running = core.running.len();
     if running > 0 {
         tracing::info!(running, grace = ?w.shutdown_grace, "waiting for running jobs");
     }
-    if tokio::time::timeout(w.shutdown_grace, slots.acquire_many(all))
+    if tokio::time::timeout(w.shutdown_grace, &mut producer)
         .await
         .is_err()
     {
@@ -228,14 +187,16 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
             "grace period over: stopping running jobs and handing them back"
         );
         core.running.stop_all(StopReason::Shutdown);
-        if tokio::time::timeout(FINAL_WRITE_TIMEOUT, slots.acquire_many(all))
+        if tokio::time::timeout(FINAL_WRITE_TIMEOUT, &mut producer)
             .await
             .is_err()
         {
-            tracing::warn!("some job bodies did not stop in time; their jobs run again after their leases expire");
+            tracing::warn!("some jobs did not stop or could not be recorded in time; they run again after their leases expire");
+            abandon.cancel();
+            let _ = producer.await;
         }
     }
-    core.finish().await;
+    core.background.cancel();
     tracing::info!("shutdown complete");
     Ok(())
 }
@@ -244,14 +205,9 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
 #[derive(Debug)]
 pub enum OnceResult {
     NothingToDo,
-    Finished {
-        job: ClaimedJob,
-        written: Written,
-    },
+    Finished { job: ClaimedJob, written: Written },
     /// The body stopped without an outcome to write (cancelled, lease lost).
-    Stopped {
-        job: ClaimedJob,
-    },
+    Stopped { job: ClaimedJob },
 }
 
 /// Claims one due job (or `job_id`), runs it in the foreground and waits
@@ -262,32 +218,39 @@ pub async fn run_once(
     shutdown: Shutdown,
 ) -> Result<OnceResult> {
     let core = Core::start(settings, &shutdown).await?;
-    let lease = settings.worker.lease_duration;
+    let completer = core.completer(settings);
+    let result = once(&core, &completer, settings, job_id, &shutdown).await;
+    core.background.cancel();
+    result
+}
+
+async fn once(
+    core: &Core,
+    completer: &Completer,
+    settings: &Settings,
+    job_id: Option<Uuid>,
+    shutdown: &Shutdown,
+) -> Result<OnceResult> {
     let claimed = match job_id {
-        Some(id) => producer::claim_one(&core.pool, &core.worker_id, lease, id).await?,
-        None => {
-            let client = core.pool.get().await?;
-            let worker_id: &str = &core.worker_id;
-            let claimed_at = Instant::now();
-            client
-                .query_opt(
-                    &producer::claim_sql(),
-                    &[&1i64, &worker_id, &lease.as_secs_f64()],
-                )
+        Some(id) => {
+            producer::claim_one(&core.pool, &core.worker_id, settings.worker.lease_duration, id)
                 .await?
-                .map(|row| (ClaimedJob::from_row(&row), claimed_at))
+        }
+        None => {
+            let cycle = completer.write(&core.pool, &[], 1).await?;
+            let claimed_at = cycle.claimed_at;
+            cycle.claimed.into_iter().next().map(|job| (job, claimed_at))
         }
     };
     let Some((job, claimed_at)) = claimed else {
-        core.finish().await;
         return Ok(OnceResult::NothingToDo);
     };
     tracing::info!(job = %job.key.id, attempt = job.key.attempt, task_type = %job.task_type, filename = %job.filename, "claimed");
 
     // A signal during the job hands it back, like the daemon would.
-    let running = core.running.clone();
     let watcher = tokio::spawn({
         let shutdown = shutdown.clone();
+        let running = core.running.clone();
         async move {
             shutdown.begun().await;
             running.stop_all(StopReason::Shutdown);
@@ -295,13 +258,29 @@ pub async fn run_once(
     });
     let finished = core.executor.execute(job.clone(), claimed_at).await;
     watcher.abort();
-    let result = match finished {
-        Some(finished) => match core.completer.send_and_wait(finished).await {
-            Some(written) => OnceResult::Finished { job, written },
-            None => anyhow::bail!("the outcome could not be recorded"),
-        },
-        None => OnceResult::Stopped { job },
+    let Some(finished) = finished else {
+        return Ok(OnceResult::Stopped { job });
     };
-    core.finish().await;
-    Ok(result)
+    let written = write_one(completer, &core.pool, finished).await?;
+    Ok(OnceResult::Finished { job, written })
+}
+
+/// Writes one outcome, retrying for a while if the database is unreachable.
+async fn write_one(completer: &Completer, pool: &Pool, finished: Finished) -> Result<Written> {
+    let deadline = Instant::now() + FINAL_WRITE_TIMEOUT * 3;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match completer.write(pool, std::slice::from_ref(&finished), 0).await {
+            Ok(mut cycle) => match cycle.written.pop() {
+                Some(written) => return Ok(written),
+                None => bail!("the outcome was not written"),
+            },
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %format!("{e:#}"), "could not record the outcome; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).context("recording the job's outcome"),
+        }
+    }
 }

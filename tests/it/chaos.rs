@@ -3,7 +3,6 @@
 //! status change) rather than the workers' own account of what happened.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use docworker::completer::{Completer, Finished, Outcome, Written};
@@ -13,9 +12,7 @@ use docworker::progress::JobContext;
 use docworker::retry::RetryPolicy;
 use docworker::running::{StopReason, StopSignal};
 use serde_json::json;
-use tokio::sync::Notify;
 use tokio_postgres::Row;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::harness::{connect, shared, Cluster, TestDb, WorkerProcess};
@@ -220,25 +217,37 @@ fn db_settings(url: &str) -> DatabaseSettings {
     }
 }
 
-/// An in-process completer writing as `worker_id`, as a late worker would.
-fn completer_as(
-    pool: &deadpool_postgres::Pool,
-    worker_id: &str,
-) -> (
-    docworker::completer::CompleterHandle,
-    tokio::task::JoinHandle<()>,
-) {
-    let (completer, handle) = Completer::new(
-        pool.clone(),
-        worker_id.into(),
-        RetryPolicy {
-            base_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(2),
-        },
-        Arc::new(Notify::new()),
-    );
-    let task = tokio::spawn(completer.run(CancellationToken::new()));
-    (handle, task)
+/// The real completer writing as `worker_id`, as a late worker would.
+struct LateWriter {
+    completer: Completer,
+    pool: deadpool_postgres::Pool,
+}
+
+impl LateWriter {
+    /// Writes one outcome (claiming nothing) and returns what became of it.
+    async fn send_and_wait(&self, finished: Finished) -> Option<Written> {
+        let mut cycle = self
+            .completer
+            .write(&self.pool, std::slice::from_ref(&finished), 0)
+            .await
+            .unwrap();
+        assert!(cycle.claimed.is_empty());
+        cycle.written.pop()
+    }
+}
+
+fn completer_as(pool: &deadpool_postgres::Pool, worker_id: &str) -> LateWriter {
+    LateWriter {
+        completer: Completer::new(
+            worker_id.into(),
+            RetryPolicy {
+                base_delay: Duration::from_millis(200),
+                max_delay: Duration::from_secs(2),
+            },
+            Duration::from_secs(3),
+        ),
+        pool: pool.clone(),
+    }
 }
 
 fn finished(id: Uuid, attempt: i32, outcome: Outcome) -> Finished {
@@ -440,7 +449,7 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
     // While B runs attempt 2, A's late writes (A's attempt, or B's attempt
     // under A's name) change nothing. B's heartbeat renews the lease meanwhile.
     let pool = docworker::db::pool(&db_settings(&db.url), "chaos-test").unwrap();
-    let (late, late_task) = completer_as(&pool, &a_id);
+    let late = completer_as(&pool, &a_id);
     let before = snapshot(&db, id, &["locked_until", "heartbeat_at"]).await;
     for (attempt, outcome) in [
         (1, Outcome::Completed),
@@ -461,7 +470,7 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
     assert_stage_write_fenced(&pool, id, 2, &a_id).await;
     assert_stage_write_fenced(&pool, id, 1, &b_id).await;
     // Each part of the fence counts: B's own name with a stale attempt is refused too.
-    let (stale, stale_task) = completer_as(&pool, &b_id);
+    let stale = completer_as(&pool, &b_id);
     let written = stale
         .send_and_wait(finished(id, 1, Outcome::Completed))
         .await;
@@ -470,8 +479,6 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
         Some(Written::Rejected),
         "a stale attempt was recorded"
     );
-    drop(stale);
-    stale_task.await.unwrap();
     let after = snapshot(&db, id, &["locked_until", "heartbeat_at"]).await;
     assert_eq!(
         before, after,
@@ -554,8 +561,6 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
     assert_eq!(written, Some(Written::Rejected));
     assert_stage_write_fenced(&pool, id, 1, &a_id).await;
     assert_eq!(snapshot(&db, id, &[]).await, before);
-    drop(late);
-    late_task.await.unwrap();
 }
 
 /// A worker paused (SIGSTOP) past its lease wakes up to find its job taken

@@ -5,14 +5,12 @@
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use docworker::completer::{Completer, CompleterHandle, Finished, Outcome, Written};
+use docworker::completer::{Completer, Finished, Outcome, Written};
 use docworker::config::DatabaseSettings;
 use docworker::job::{ClaimedJob, JobError};
 use docworker::retry::RetryPolicy;
 use serde_json::{json, Value};
-use tokio::sync::Notify;
 use tokio_postgres::Client;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::harness::{connect, run_worker, shared, TestDb, WorkerProcess};
@@ -374,9 +372,10 @@ async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
 
 const FAKE_WORKER: &str = "fake-worker-rollup";
 
+/// The daemon's completer, writing as [`FAKE_WORKER`].
 struct RealCompleter {
-    handle: CompleterHandle,
-    stop: CancellationToken,
+    completer: Completer,
+    pool: deadpool_postgres::Pool,
 }
 
 impl RealCompleter {
@@ -387,24 +386,35 @@ impl RealCompleter {
             connect_timeout: Duration::from_secs(5),
         };
         let pool = docworker::db::pool(&settings, "docworker test completer").unwrap();
-        let (completer, handle) = Completer::new(
-            pool,
+        let completer = Completer::new(
             FAKE_WORKER.into(),
             RetryPolicy {
                 base_delay: Duration::from_millis(200),
                 max_delay: Duration::from_secs(2),
             },
-            Arc::new(Notify::new()),
+            Duration::from_secs(30),
         );
-        let stop = CancellationToken::new();
-        tokio::spawn(completer.run(stop.clone()));
-        RealCompleter { handle, stop }
+        RealCompleter { completer, pool }
     }
-}
 
-impl Drop for RealCompleter {
-    fn drop(&mut self) {
-        self.stop.cancel();
+    /// Claims up to `limit` due jobs with the daemon's statement.
+    async fn claim(&self, limit: i64) -> Vec<ClaimedJob> {
+        self.completer
+            .write(&self.pool, &[], limit)
+            .await
+            .unwrap()
+            .claimed
+    }
+
+    /// Writes one outcome (claiming nothing) and returns what became of it.
+    async fn send_and_wait(&self, finished: Finished) -> Option<Written> {
+        let mut cycle = self
+            .completer
+            .write(&self.pool, std::slice::from_ref(&finished), 0)
+            .await
+            .unwrap();
+        assert!(cycle.claimed.is_empty());
+        cycle.written.pop()
     }
 }
 
@@ -425,17 +435,9 @@ async fn enqueue_noops(client: &Client, n: usize) -> (Uuid, Vec<Uuid>) {
 }
 
 /// Claims every due job for [`FAKE_WORKER`] with the worker's own claim query.
-async fn claim_all(client: &Client, limit: i64) -> Vec<ClaimedJob> {
-    client
-        .query(
-            &docworker::producer::claim_sql(),
-            &[&limit, &FAKE_WORKER, &30.0f64],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(ClaimedJob::from_row)
-        .collect()
+/// Claims up to `limit` due jobs for [`FAKE_WORKER`] with the daemon's statement.
+async fn claim_all(url: &str, limit: i64) -> Vec<ClaimedJob> {
+    RealCompleter::start(url).claim(limit).await
 }
 
 async fn batch_state(client: &Client, batch: Uuid) -> (String, i32, i32, bool) {
@@ -480,7 +482,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
     for (planned, final_status, done, failed) in cases {
         for order in permutations3() {
             let (batch, ids) = enqueue_noops(c, 3).await;
-            let claimed = claim_all(c, 10).await;
+            let claimed = claim_all(&db.url, 10).await;
             assert_eq!(claimed.len(), 3);
             assert_eq!(batch_state(c, batch).await, ("pending".into(), 0, 0, false));
             for (step, &i) in order.iter().enumerate() {
@@ -492,7 +494,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
                     Outcome::Failed(JobError::permanent("planned failure"))
                 };
                 let written = completer
-                    .handle
+                    
                     .send_and_wait(Finished {
                         key: job.key,
                         batch_id: job.batch_id,
@@ -534,9 +536,9 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
 
     // Retrying a finished task reopens its (finished) batch.
     let (batch, ids) = enqueue_noops(c, 2).await;
-    for job in claim_all(c, 10).await {
+    for job in claim_all(&db.url, 10).await {
         let written = completer
-            .handle
+            
             .send_and_wait(Finished {
                 key: job.key,
                 batch_id: job.batch_id,
@@ -557,11 +559,11 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
     assert!(ok);
     assert_eq!(batch_state(c, batch).await, ("pending".into(), 1, 0, false));
     // ... and finishing it again closes the batch again.
-    let claimed = claim_all(c, 10).await;
+    let claimed = claim_all(&db.url, 10).await;
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].key.id, ids[1]);
     completer
-        .handle
+        
         .send_and_wait(Finished {
             key: claimed[0].key,
             batch_id: claimed[0].batch_id,
@@ -602,7 +604,7 @@ async fn wait_until_blocked(observer: &Client, pid: i32) {
 /// blocks on the batch lock in the rollup trigger until the first commits.
 async fn finish_concurrently(db: &TestDb, first: &str, second: &str) -> (String, i32, i32, bool) {
     let (batch, ids) = enqueue_noops(&db.client, 2).await;
-    assert_eq!(claim_all(&db.client, 10).await.len(), 2);
+    assert_eq!(claim_all(&db.url, 10).await.len(), 2);
 
     let c1 = connect(&db.url).await;
     let c2 = connect(&db.url).await;
@@ -764,10 +766,22 @@ async fn the_claim_reads_only_the_partial_index_among_a_million_finished_rows() 
         started.elapsed().as_secs_f64()
     );
 
-    let sql = docworker::producer::claim_sql()
-        .replace("$1", "1")
-        .replace("$2", "'explain-worker'")
-        .replace("$3", "30");
+    // The daemon's write cycle with nothing to record and one job to claim.
+    let mut sql = docworker::completer::complete_and_claim_sql();
+    for (param, value) in [
+        ("$10", "30"),
+        ("$9", "1"),
+        ("$8", "'explain-worker'"),
+        ("$7", "2"),
+        ("$6", "1"),
+        ("$5", "'{}'"),
+        ("$4", "'{}'"),
+        ("$3", "'{}'"),
+        ("$2", "'{}'"),
+        ("$1", "'{}'"),
+    ] {
+        sql = sql.replace(param, value);
+    }
     assert!(!sql.contains('$'), "{sql}");
     c.batch_execute("BEGIN").await.unwrap();
     let plan: Value = c

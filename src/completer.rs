@@ -76,7 +76,7 @@ impl Completer {
             worker_id,
             policy,
             lease,
-            sql: complete_and_claim_sql(),
+            sql: complete_and_claim_sql("{limit}"),
         }
     }
 
@@ -105,15 +105,19 @@ impl Completer {
         let worker_id: &str = &self.worker_id;
         let lease = self.lease.as_secs_f64();
         let handed_back = outcomes.contains(&"handback");
-        let params: [&(dyn ToSql + Sync); 10] = [
-            &ids, &attempts, &outcomes, &kinds, &messages, &base, &max, &worker_id, &claim, &lease,
+        let params: [&(dyn ToSql + Sync); 9] = [
+            &ids, &attempts, &outcomes, &kinds, &messages, &base, &max, &worker_id, &lease,
         ];
+        // The claim size is written into the text, not bound: with a known
+        // LIMIT the server can reuse one generic plan per size instead of
+        // planning every cycle afresh.
+        let sql = self.sql.replace("{limit}", &claim.to_string());
 
         let mut client = pool.get().await?;
         let claimed_at = Instant::now();
         let rows = if batches.is_empty() && !handed_back {
             // The common case is one autocommit statement: one round trip.
-            let stmt = client.prepare_cached(&self.sql).await?;
+            let stmt = client.prepare_cached(&sql).await?;
             client.query(&stmt, &params).await?
         } else {
             let tx = client.transaction().await?;
@@ -128,7 +132,7 @@ impl Completer {
                     .await?;
                 tx.execute(&lock, &[&batches]).await?;
             }
-            let stmt = tx.prepare_cached(&self.sql).await?;
+            let stmt = tx.prepare_cached(&sql).await?;
             let rows = tx.query(&stmt, &params).await?;
             if handed_back {
                 // Handed-back jobs are due now: wake the other workers.
@@ -172,13 +176,14 @@ impl Completer {
 }
 
 /// $1..$5 the outcomes (id, attempt, outcome, kind, message), $6/$7 retry
-/// base/max seconds, $8 worker id, $9 how many jobs to claim, $10 lease seconds.
+/// base/max seconds, $8 worker id, $9 lease seconds; `limit` is the text of
+/// the claim's LIMIT.
 ///
 /// Both halves see the statement's snapshot, so a job handed back or
 /// scheduled for retry here is never claimed again by the same statement.
-pub fn complete_and_claim_sql() -> String {
+pub fn complete_and_claim_sql(limit: &str) -> String {
     let retry_at = RetryPolicy::retry_at_sql("t.attempt", "$6", "$7");
-    let claim_set = claim_set("$8", "$10");
+    let claim_set = claim_set("$8", "$9");
     let claim_columns = claim_columns();
     format!(
         r#"
@@ -227,7 +232,7 @@ WITH o AS (
     SELECT id FROM job_tasks
      WHERE status = 'pending' AND run_at <= now()
      ORDER BY priority, run_at, id
-     LIMIT $9
+     LIMIT {limit}
      FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE job_tasks t SET {claim_set}

@@ -226,7 +226,11 @@ fn take(report: Option<Report>, unwritten: &mut Vec<Finished>, in_use: &mut usiz
     }
 }
 
-fn drain(rx: &mut mpsc::UnboundedReceiver<Report>, unwritten: &mut Vec<Finished>, in_use: &mut usize) {
+fn drain(
+    rx: &mut mpsc::UnboundedReceiver<Report>,
+    unwritten: &mut Vec<Finished>,
+    in_use: &mut usize,
+) {
     while unwritten.len() < MAX_BATCH {
         match rx.try_recv() {
             Ok(report) => take(Some(report), unwritten, in_use),

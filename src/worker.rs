@@ -205,9 +205,14 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
 #[derive(Debug)]
 pub enum OnceResult {
     NothingToDo,
-    Finished { job: ClaimedJob, written: Written },
+    Finished {
+        job: ClaimedJob,
+        written: Written,
+    },
     /// The body stopped without an outcome to write (cancelled, lease lost).
-    Stopped { job: ClaimedJob },
+    Stopped {
+        job: ClaimedJob,
+    },
 }
 
 /// Claims one due job (or `job_id`), runs it in the foreground and waits
@@ -233,13 +238,22 @@ async fn once(
 ) -> Result<OnceResult> {
     let claimed = match job_id {
         Some(id) => {
-            producer::claim_one(&core.pool, &core.worker_id, settings.worker.lease_duration, id)
-                .await?
+            producer::claim_one(
+                &core.pool,
+                &core.worker_id,
+                settings.worker.lease_duration,
+                id,
+            )
+            .await?
         }
         None => {
             let cycle = completer.write(&core.pool, &[], 1).await?;
             let claimed_at = cycle.claimed_at;
-            cycle.claimed.into_iter().next().map(|job| (job, claimed_at))
+            cycle
+                .claimed
+                .into_iter()
+                .next()
+                .map(|job| (job, claimed_at))
         }
     };
     let Some((job, claimed_at)) = claimed else {
@@ -270,7 +284,10 @@ async fn write_one(completer: &Completer, pool: &Pool, finished: Finished) -> Re
     let deadline = Instant::now() + FINAL_WRITE_TIMEOUT * 3;
     let mut delay = Duration::from_millis(100);
     loop {
-        match completer.write(pool, std::slice::from_ref(&finished), 0).await {
+        match completer
+            .write(pool, std::slice::from_ref(&finished), 0)
+            .await
+        {
             Ok(mut cycle) => match cycle.written.pop() {
                 Some(written) => return Ok(written),
                 None => bail!("the outcome was not written"),

@@ -154,6 +154,8 @@ impl Cluster {
                 stop = server.stop_command_line(),
                 root = server.root.display()
             );
+            // Deliberately never waited for: it must outlive this process.
+            #[allow(clippy::zombie_processes)]
             Command::new("sh")
                 .args(["-c", &script])
                 .stdin(Stdio::null())

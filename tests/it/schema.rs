@@ -494,7 +494,6 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
                     Outcome::Failed(JobError::permanent("planned failure"))
                 };
                 let written = completer
-                    
                     .send_and_wait(Finished {
                         key: job.key,
                         batch_id: job.batch_id,
@@ -538,7 +537,6 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
     let (batch, ids) = enqueue_noops(c, 2).await;
     for job in claim_all(&db.url, 10).await {
         let written = completer
-            
             .send_and_wait(Finished {
                 key: job.key,
                 batch_id: job.batch_id,
@@ -563,7 +561,6 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].key.id, ids[1]);
     completer
-        
         .send_and_wait(Finished {
             key: claimed[0].key,
             batch_id: claimed[0].batch_id,
@@ -767,10 +764,9 @@ async fn the_claim_reads_only_the_partial_index_among_a_million_finished_rows() 
     );
 
     // The daemon's write cycle with nothing to record and one job to claim.
-    let mut sql = docworker::completer::complete_and_claim_sql();
+    let mut sql = docworker::completer::complete_and_claim_sql("1");
     for (param, value) in [
-        ("$10", "30"),
-        ("$9", "1"),
+        ("$9", "30"),
         ("$8", "'explain-worker'"),
         ("$7", "2"),
         ("$6", "1"),

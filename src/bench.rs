@@ -219,12 +219,7 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 
 /// Rebuilds a URL from a parsed config (host, port, user, password, dbname).
 fn config_to_url(cfg: &tokio_postgres::Config) -> String {
-    let host = match cfg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let (host, port) = db::host_and_port(cfg);
     let user = cfg.get_user().unwrap_or("postgres");
     let db = cfg.get_dbname().unwrap_or("postgres");
     match cfg.get_password() {

@@ -86,10 +86,7 @@ pub struct LogSettings {
 impl Settings {
     /// Loads the layered configuration and validates it.
     pub fn load(file: Option<&Path>) -> Result<Settings> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ));
+        let mut builder = config::Config::builder().add_source(defaults());
         if let Some(path) = file {
             if !path.exists() {
                 bail!("config file {} does not exist", path.display());
@@ -207,10 +204,7 @@ fn name_the_key(merged: &config::Config, err: config::ConfigError) -> anyhow::Er
         }
         for (key, value) in leaves {
             let alone = config::Config::builder()
-                .add_source(config::File::from_str(
-                    DEFAULT_TOML,
-                    config::FileFormat::Toml,
-                ))
+                .add_source(defaults())
                 .set_override(&key, value)
                 .and_then(|b| b.build())
                 .and_then(|c| c.try_deserialize::<Settings>());
@@ -241,6 +235,11 @@ fn leaf_values(
     }
 }
 
+/// The compiled-in defaults as a configuration source.
+fn defaults() -> config::File<config::FileSourceString, config::FileFormat> {
+    config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml)
+}
+
 fn check(ok: bool, key: &str, why: String) -> Result<()> {
     if ok {
         Ok(())
@@ -255,10 +254,7 @@ mod tests {
 
     fn defaults() -> Settings {
         config::Config::builder()
-            .add_source(config::File::from_str(
-                DEFAULT_TOML,
-                config::FileFormat::Toml,
-            ))
+            .add_source(super::defaults())
             .build()
             .unwrap()
             .try_deserialize()
@@ -287,10 +283,7 @@ mod tests {
     fn errors_the_config_crate_leaves_keyless_get_their_key() {
         for (key, value) in [("worker.poll_interval", "soon"), ("worker.bogus", "1")] {
             let merged = config::Config::builder()
-                .add_source(config::File::from_str(
-                    DEFAULT_TOML,
-                    config::FileFormat::Toml,
-                ))
+                .add_source(super::defaults())
                 .set_override(key, value)
                 .unwrap()
                 .build()

@@ -69,6 +69,13 @@ pub async fn connect(db: &DatabaseSettings, application_name: &str) -> Result<Cl
 
 /// Host, port and database of a config, never the password: safe to log.
 pub fn redacted(cfg: &tokio_postgres::Config) -> String {
+    let (host, port) = host_and_port(cfg);
+    let dbname = cfg.get_dbname().unwrap_or("(default)");
+    format!("{host}:{port}/{dbname}")
+}
+
+/// The first host (a name, an address or a socket directory) and port.
+pub fn host_and_port(cfg: &tokio_postgres::Config) -> (String, u16) {
     let host = cfg
         .get_hosts()
         .first()
@@ -77,7 +84,5 @@ pub fn redacted(cfg: &tokio_postgres::Config) -> String {
             tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
         })
         .unwrap_or_else(|| "localhost".into());
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    let dbname = cfg.get_dbname().unwrap_or("(default)");
-    format!("{host}:{port}/{dbname}")
+    (host, cfg.get_ports().first().copied().unwrap_or(5432))
 }

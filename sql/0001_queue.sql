@@ -171,6 +171,10 @@ BEGIN
 END
 $$;
 
+-- Batches created before docworker get the rollup's view of their tasks
+-- (failed_tasks, finished_at, status), so they read right and can be pruned.
+SELECT docworker_refresh_batch(id) FROM job_batches;
+
 CREATE OR REPLACE FUNCTION docworker_rollup_batch() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN

@@ -24,6 +24,13 @@ use crate::job::{Attempt, ClaimedJob, JobError};
 use crate::producer::{claim_columns, claim_set};
 use crate::retry::RetryPolicy;
 
+/// Locks the batches $1 in id order. Every writer that may finish tasks of
+/// several batches in one statement takes this first, so that the rollup
+/// trigger, which locks a batch per finished task, never finds them locked
+/// crosswise by another writer.
+pub const LOCK_BATCHES_SQL: &str =
+    "SELECT 1 FROM job_batches WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE";
+
 /// How a job attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -122,14 +129,8 @@ impl Completer {
         } else {
             let tx = client.transaction().await?;
             if !batches.is_empty() {
-                // Lock the batches in one order before the rollup trigger
-                // does, so two workers never lock them crosswise.
                 let batches: Vec<Uuid> = batches.into_iter().collect();
-                let lock = tx
-                    .prepare_cached(
-                        "SELECT 1 FROM job_batches WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-                    )
-                    .await?;
+                let lock = tx.prepare_cached(LOCK_BATCHES_SQL).await?;
                 tx.execute(&lock, &[&batches]).await?;
             }
             let stmt = tx.prepare_cached(&sql).await?;

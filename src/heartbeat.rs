@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::job::Attempt;
 use crate::running::{RunningJobs, StopReason};
 
 const RENEW_SQL: &str = "
@@ -32,7 +33,7 @@ WITH mine AS (
        AND t.locked_by = $4 AND t.status = 'processing'
     RETURNING t.id
 )
-SELECT m.id, t.status::text
+SELECT m.id, m.attempt, t.status::text
   FROM mine m LEFT JOIN job_tasks t ON t.id = m.id
  WHERE m.id NOT IN (SELECT id FROM renewed)";
 
@@ -59,20 +60,30 @@ impl Heartbeat {
             if self.running.is_empty() {
                 continue;
             }
-            if let Err(e) = self.beat().await {
-                tracing::warn!(error = %format!("{e:#}"), "could not renew job leases");
+            // A renewal that hangs (a half-open connection, a saturated
+            // pool) must not keep this loop from stopping expiring jobs.
+            match tokio::time::timeout(self.interval, self.beat()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "could not renew job leases")
+                }
+                Err(_) => tracing::warn!("renewing job leases timed out"),
             }
-            for id in self.running.stop_expired(Instant::now()) {
+            // Stop what could expire before the next tick gets a chance to
+            // renew it: by then another worker may have taken it over.
+            for id in self.running.stop_expiring(Instant::now() + self.interval) {
                 tracing::warn!(job = %id, "stopping job: its lease could not be renewed in time, another worker may run it");
             }
         }
     }
 
     async fn beat(&self) -> Result<()> {
-        let (ids, attempts) = self.running.snapshot();
-        if ids.is_empty() {
+        let keys = self.running.snapshot();
+        if keys.is_empty() {
             return Ok(());
         }
+        let ids: Vec<Uuid> = keys.iter().map(|k| k.id).collect();
+        let attempts: Vec<i32> = keys.iter().map(|k| k.attempt).collect();
         let lease = self.lease.as_secs_f64();
         let worker_id: &str = &self.worker_id;
         let sent_at = Instant::now();
@@ -81,18 +92,21 @@ impl Heartbeat {
         let lost = client
             .query(&stmt, &[&ids, &attempts, &lease, &worker_id])
             .await?;
-        let mut renewed = ids;
+        let mut renewed = keys;
         for row in &lost {
-            let id: Uuid = row.get(0);
-            let status: Option<String> = row.get(1);
-            renewed.retain(|r| *r != id);
+            let key = Attempt {
+                id: row.get(0),
+                attempt: row.get(1),
+            };
+            let status: Option<String> = row.get(2);
+            renewed.retain(|r| *r != key);
             // A job that finished since the snapshot is simply gone: no news.
             if status.as_deref() == Some("cancelled") {
-                if self.running.stop(id, StopReason::Cancelled) {
-                    tracing::info!(job = %id, "job was cancelled; stopping it");
+                if self.running.stop(key, StopReason::Cancelled) {
+                    tracing::info!(job = %key.id, "job was cancelled; stopping it");
                 }
-            } else if self.running.stop(id, StopReason::LeaseLost) {
-                tracing::warn!(job = %id, status = ?status, "job is no longer ours (its lease expired and another worker took it, or it was changed from outside); stopping it");
+            } else if self.running.stop(key, StopReason::LeaseLost) {
+                tracing::warn!(job = %key.id, status = ?status, "job is no longer ours (its lease expired and another worker took it, or it was changed from outside); stopping it");
             }
         }
         self.running.renewed(&renewed, sent_at, self.lease);

@@ -15,7 +15,9 @@ use anyhow::Result;
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
+use crate::completer::LOCK_BATCHES_SQL;
 use crate::notifier::jittered;
 
 /// Expired leases handled per statement.
@@ -52,6 +54,13 @@ UPDATE job_tasks t SET
 FROM p
 WHERE t.id = p.id
 RETURNING t.id, t.status::text";
+
+const EXPIRED_BATCHES_SQL: &str = "
+SELECT DISTINCT batch_id FROM (
+    SELECT batch_id FROM job_tasks
+     WHERE status = 'processing' AND locked_until < now() AND batch_id IS NOT NULL
+     ORDER BY locked_until
+     LIMIT $1) expired";
 
 const PRUNE_TASKS_SQL: &str = "
 DELETE FROM job_tasks WHERE id IN (
@@ -102,23 +111,34 @@ impl Maintenance {
 
     /// Returns how many expired jobs were put back or failed.
     pub async fn rescue_expired(&self) -> Result<usize> {
-        let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(RESCUE_SQL).await?;
+        let mut client = self.pool.get().await?;
         let mut total = 0;
         loop {
-            let rows = client.query(&stmt, &[&RESCUE_BATCH]).await?;
+            let tx = client.transaction().await?;
+            // Jobs that run out of attempts here finish, and their batches
+            // are rolled up: lock those batches first, as the completer does.
+            let batches: Vec<Uuid> = tx
+                .query(EXPIRED_BATCHES_SQL, &[&RESCUE_BATCH])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if !batches.is_empty() {
+                tx.execute(LOCK_BATCHES_SQL, &[&batches]).await?;
+            }
+            let rows = tx.query(RESCUE_SQL, &[&RESCUE_BATCH]).await?;
             for row in &rows {
-                let id: uuid::Uuid = row.get(0);
+                let id: Uuid = row.get(0);
                 let status: String = row.get(1);
                 tracing::warn!(job = %id, new_status = %status, "reclaimed a job whose lease expired");
             }
-            total += rows.len();
             if rows.iter().any(|r| r.get::<_, String>(1) == "pending") {
-                client
-                    .execute("SELECT pg_notify('docworker_jobs', '')", &[])
+                tx.execute("SELECT pg_notify('docworker_jobs', '')", &[])
                     .await?;
                 self.wake.notify_one();
             }
+            tx.commit().await?;
+            total += rows.len();
             if (rows.len() as i64) < RESCUE_BATCH {
                 return Ok(total);
             }

@@ -87,24 +87,35 @@ impl RunningJobs {
         self.len() == 0
     }
 
-    /// (ids, attempts) of every running job, for one batched heartbeat.
-    pub fn snapshot(&self) -> (Vec<Uuid>, Vec<i32>) {
-        self.lock().iter().map(|(id, e)| (*id, e.attempt)).unzip()
+    /// Every running job's (id, attempt), for one batched heartbeat.
+    pub fn snapshot(&self) -> Vec<Attempt> {
+        self.lock()
+            .iter()
+            .map(|(id, e)| Attempt {
+                id: *id,
+                attempt: e.attempt,
+            })
+            .collect()
     }
 
-    /// Records that the leases of `ids` were renewed by a statement sent at `sent_at`.
-    pub fn renewed(&self, ids: &[Uuid], sent_at: Instant, lease: Duration) {
+    /// Records that the leases of `keys` were renewed by a statement sent at `sent_at`.
+    pub fn renewed(&self, keys: &[Attempt], sent_at: Instant, lease: Duration) {
         let mut jobs = self.lock();
-        for id in ids {
-            if let Some(e) = jobs.get_mut(id) {
+        for key in keys {
+            if let Some(e) = jobs.get_mut(&key.id).filter(|e| e.attempt == key.attempt) {
                 e.lease_expires = e.lease_expires.max(sent_at + lease);
             }
         }
     }
 
-    /// Stops the job if it is still running here; says whether it was.
-    pub fn stop(&self, id: Uuid, reason: StopReason) -> bool {
-        match self.lock().get(&id) {
+    /// Stops this attempt of the job if it is still running here; says
+    /// whether it was. A newer attempt of the same job is left alone.
+    pub fn stop(&self, key: Attempt, reason: StopReason) -> bool {
+        match self
+            .lock()
+            .get(&key.id)
+            .filter(|e| e.attempt == key.attempt)
+        {
             Some(e) => {
                 e.stop.stop(reason);
                 true
@@ -119,11 +130,12 @@ impl RunningJobs {
         }
     }
 
-    /// Stops jobs whose lease may have run out on the server; returns them.
-    pub fn stop_expired(&self, now: Instant) -> Vec<Uuid> {
+    /// Stops the jobs whose lease may have run out on the server by
+    /// `deadline`; returns them.
+    pub fn stop_expiring(&self, deadline: Instant) -> Vec<Uuid> {
         let jobs = self.lock();
         jobs.iter()
-            .filter(|(_, e)| e.lease_expires <= now)
+            .filter(|(_, e)| e.lease_expires <= deadline)
             .map(|(id, e)| {
                 e.stop.stop(StopReason::LeaseLost);
                 *id

@@ -2,13 +2,15 @@
 //! commands, configuration errors and the start-up schema check.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::harness::{run_worker, shared, TestDb, WorkerProcess, WORKER};
+use crate::harness::{
+    run_command, run_worker, shared, Cluster, TestDb, WorkerProcess, COMMAND_DEADLINE, WORKER,
+};
 
 /// `run_worker` (FAST settings, DATABASE_URL) off the async threads.
 async fn worker(url: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
@@ -30,25 +32,29 @@ async fn worker(url: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String,
 /// The binary with exactly `env` (no FAST settings, no DATABASE_URL unless
 /// given), optionally in `cwd`: for configuration files and relative paths.
 async fn bare(args: &[&str], env: &[(&str, &str)], cwd: Option<&Path>) -> (i32, String, String) {
+    bare_within(args, env, cwd, COMMAND_DEADLINE).await
+}
+
+/// [`bare`] that fails the test if the command runs longer than `deadline`.
+async fn bare_within(
+    args: &[&str],
+    env: &[(&str, &str)],
+    cwd: Option<&Path>,
+    deadline: Duration,
+) -> (i32, String, String) {
     let mut cmd = Command::new(WORKER);
     cmd.args(args)
         .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::null());
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in env {
         cmd.env(k, v);
     }
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("running worker"))
+    tokio::task::spawn_blocking(move || run_command(cmd, deadline))
         .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+        .unwrap()
 }
 
 fn show(out: &str, err: &str) -> String {
@@ -141,6 +147,38 @@ async fn once_runs_one_job_and_exits_with_its_outcome() {
     let (code, out, err) = worker(&db.url, &["--once"], &[]).await;
     assert_eq!(code, 0, "{}", show(&out, &err));
     assert!(out.contains(&next.to_string()), "{}", show(&out, &err));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_job_leaves_a_job_another_worker_holds_alone() {
+    let db = shared().database(true).await;
+    let id = db.noop_job(json!({})).await;
+    db.client
+        .execute(
+            "UPDATE job_tasks SET status = 'processing', attempt = 1, locked_by = 'other',
+                    locked_until = now() + interval '1 minute', started_at = now()
+              WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let snapshot = || async {
+        db.client
+            .query_one(
+                "SELECT to_jsonb(t)::text FROM job_tasks t WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    let before = snapshot().await;
+    let out = once_job(&db, id, 4).await;
+    assert!(
+        out.contains("nothing to do") && out.contains(&id.to_string()),
+        "{out}"
+    );
+    assert_eq!(snapshot().await, before, "--once --job touched a held job");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,6 +469,33 @@ async fn bad_configuration_is_refused_with_the_key_named() {
         );
     }
 
+    // Values refused by validation, alone or in combination.
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("DOCWORKER__DATABASE__POOL_SIZE", "2")],
+            "database.pool_size",
+        ),
+        (&[("DOCWORKER__LOG__LEVEL", "info,[")], "log.level"),
+        (
+            &[
+                ("DOCWORKER__RETRY__BASE_DELAY", "10m"),
+                ("DOCWORKER__RETRY__MAX_DELAY", "1m"),
+            ],
+            "retry.base_delay",
+        ),
+    ];
+    for (vars, named) in cases {
+        let mut env = vec![("DATABASE_URL", url)];
+        env.extend_from_slice(vars);
+        let (code, out, err) = bare(&["--once"], &env, None).await;
+        assert_eq!(code, 1, "{vars:?}\n{}", show(&out, &err));
+        assert!(
+            err.contains(named),
+            "{vars:?}: stderr must name {named}\n{}",
+            show(&out, &err)
+        );
+    }
+
     // A --config file that does not exist.
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.toml");
@@ -444,6 +509,22 @@ async fn bad_configuration_is_refused_with_the_key_named() {
     assert!(
         err.contains(missing.to_str().unwrap()) && err.contains("does not exist"),
         "{}",
+        show(&out, &err)
+    );
+
+    // A --config file that is not valid TOML.
+    let malformed = dir.path().join("malformed.toml");
+    std::fs::write(&malformed, "[worker\nconcurrency = 2\n").unwrap();
+    let (code, out, err) = bare(
+        &["--config", malformed.to_str().unwrap(), "--once"],
+        &[("DATABASE_URL", url)],
+        None,
+    )
+    .await;
+    assert_eq!(code, 1, "{}", show(&out, &err));
+    assert!(
+        err.contains(malformed.to_str().unwrap()),
+        "stderr must name the file\n{}",
         show(&out, &err)
     );
 
@@ -470,7 +551,7 @@ async fn bad_configuration_is_refused_with_the_key_named() {
     // `run --concurrency 0`. Spawned so that a wrongly accepted value shows
     // as a timeout rather than a hang.
     let mut w = WorkerProcess::spawn_args(url, &["run", "--concurrency", "0"], &[]);
-    let code = tokio::task::block_in_place(|| w.wait_exit(Duration::from_secs(20)));
+    let code = w.wait_exit(Duration::from_secs(20));
     assert_eq!(code, Some(1), "{}", w.logs());
     assert!(w.logs().contains("worker.concurrency"), "{}", w.logs());
 }
@@ -510,10 +591,49 @@ async fn a_config_file_sets_values() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_url_overrides_the_config_file() {
+    let cluster: &Cluster = shared();
+    let db = cluster.database(true).await;
+    let job = db.noop_job(json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docworker.toml");
+    // The file names a database that does not exist (a worker using it would
+    // wait for it forever); it also asks for JSON logs, to show it was read.
+    let missing = cluster.url_for(&format!("dw_missing_{}", Uuid::new_v4().simple()));
+    std::fs::write(
+        &file,
+        format!("[database]\nurl = \"{missing}\"\n\n[log]\nformat = \"json\"\n"),
+    )
+    .unwrap();
+    let (code, out, err) = bare_within(
+        &["--config", file.to_str().unwrap(), "--once"],
+        &[("DATABASE_URL", &db.url)],
+        None,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(code, 0, "{}", show(&out, &err));
+    assert!(
+        out.contains(&job.to_string()) && out.contains("completed"),
+        "{}",
+        show(&out, &err)
+    );
+    assert_eq!(db.status(job).await, "completed");
+    let log_lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!log_lines.is_empty(), "{}", show(&out, &err));
+    for line in log_lines {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "the rest of the file was not applied: {line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unmigrated_database_is_refused_with_a_hint() {
     let db = shared().database(false).await;
     let mut w = WorkerProcess::spawn(&db.url, &[]);
-    let code = tokio::task::block_in_place(|| w.wait_exit(Duration::from_secs(20)));
+    let code = w.wait_exit(Duration::from_secs(20));
     assert_eq!(code, Some(1), "{}", w.logs());
     assert!(w.logs().contains("run `worker migrate`"), "{}", w.logs());
 

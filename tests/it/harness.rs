@@ -5,16 +5,42 @@
 //! this machine (initdb + pg_ctl, as the `postgres` user when run as root),
 //! shared by every test of this run and stopped when the test process exits.
 
+use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
 pub const WORKER: &str = env!("CARGO_BIN_EXE_worker");
+
+/// How long a one-shot `worker` command (`--once`, `migrate`, ...) may take
+/// before the harness kills it and fails the test.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Keeps heavy tests and timing-sensitive tests apart. cargo runs tests on
+/// several threads; a test that saturates the machine (a million-row insert,
+/// thousands of jobs across several workers) makes tight timing bounds in the
+/// test running beside it fail for reasons that have nothing to do with the
+/// code under test.
+static LOAD_GATE: RwLock<()> = RwLock::const_new(());
+
+/// For heavy tests: runs alone among the tests that take [`timed`] (and
+/// other heavy ones). Hold the guard for the whole test.
+pub async fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    LOAD_GATE.write().await
+}
+
+/// For tests with tight timing bounds: never runs beside an [`exclusive`]
+/// test (timed tests may run beside each other). Hold the guard for the
+/// whole test.
+pub async fn timed() -> RwLockReadGuard<'static, ()> {
+    LOAD_GATE.read().await
+}
 
 /// A PostgreSQL server to create test databases in.
 pub struct Cluster {
@@ -202,11 +228,22 @@ impl Cluster {
             .await
             .unwrap();
         let url = self.url_for(&name);
+        // Only a server this harness did not start outlives the run: drop the
+        // database there when the test is done. A throwaway cluster goes away
+        // with all its databases anyway.
+        let drop_on = self.owned.is_none().then(|| DropOnExit {
+            admin_url: self.admin_url.clone(),
+            name: name.clone(),
+        });
         let mut client = connect(&url).await;
         if migrate {
             docworker::schema::migrate(&mut client).await.unwrap();
         }
-        TestDb { url, client }
+        TestDb {
+            url,
+            client,
+            drop_on,
+        }
     }
 
     /// Restarts the server (fast shutdown: every connection is cut).
@@ -317,6 +354,53 @@ pub async fn connect(url: &str) -> Client {
 pub struct TestDb {
     pub url: String,
     pub client: Client,
+    /// Set when the database lives on an external server (TEST_DATABASE_URL).
+    drop_on: Option<DropOnExit>,
+}
+
+/// A database to drop from an external server once its test is over.
+struct DropOnExit {
+    admin_url: String,
+    name: String,
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(target) = self.drop_on.take() else {
+            return;
+        };
+        // Drop may run inside the test's runtime (where blocking on another
+        // future is not allowed) or during a panic: use a thread with its own
+        // small runtime, wait for it, and ignore every error.
+        let dropper = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                    let Ok((client, conn)) =
+                        tokio_postgres::connect(&target.admin_url, NoTls).await
+                    else {
+                        return;
+                    };
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    let _ = client
+                        .batch_execute(&format!(
+                            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                            target.name
+                        ))
+                        .await;
+                })
+                .await;
+            });
+        });
+        let _ = dropper.join();
+    }
 }
 
 impl TestDb {
@@ -444,7 +528,20 @@ impl WorkerProcess {
     }
 
     /// Waits for the process to exit; returns its exit code (None: signal).
+    /// Inside a multi-thread runtime the wait moves off the runtime's
+    /// threads (`block_in_place`), so tasks such as database connections
+    /// keep running meanwhile.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            tokio::task::block_in_place(|| self.wait_exit_blocking(timeout))
+        } else {
+            self.wait_exit_blocking(timeout)
+        }
+    }
+
+    fn wait_exit_blocking(&mut self, timeout: Duration) -> Option<i32> {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -493,20 +590,88 @@ impl Drop for WorkerProcess {
 }
 
 /// Runs the worker binary to completion; returns (exit code, stdout, stderr).
+/// Panics (after killing it) if it runs longer than [`COMMAND_DEADLINE`].
 pub fn run_worker(url: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(WORKER);
     cmd.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", url)
-        .stdin(Stdio::null());
+        .env("DATABASE_URL", url);
     for (k, v) in FAST.iter().chain(env) {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("running worker");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_command(cmd, COMMAND_DEADLINE)
+}
+
+/// Runs `cmd` (stdin closed, stdout and stderr captured) and waits at most
+/// `deadline` for it; returns (exit code or -1 for a signal, stdout, stderr).
+/// A command still running at the deadline is killed and the test fails with
+/// what it printed. Blocking: call it off the async threads.
+pub fn run_command(mut cmd: Command, deadline: Duration) -> (i32, String, String) {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+    // Read both pipes while waiting, so a chatty process never blocks on a
+    // full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the command") {
+            break Some(status);
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = stdout.join().unwrap_or_default();
+    let err = stderr.join().unwrap_or_default();
+    match status {
+        Some(status) => (status.code().unwrap_or(-1), out, err),
+        None => panic!(
+            "{what} did not finish within {deadline:?} and was killed\nstdout:\n{out}\nstderr:\n{err}"
+        ),
+    }
+}
+
+#[test]
+fn run_command_captures_output_and_exit_code() {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "echo out; echo err >&2; exit 3"]);
+    let got = run_command(cmd, Duration::from_secs(10));
+    assert_eq!(got, (3, "out\n".to_string(), "err\n".to_string()));
+}
+
+#[test]
+#[should_panic(expected = "did not finish within")]
+fn run_command_kills_a_command_past_its_deadline() {
+    let mut cmd = Command::new("sleep");
+    cmd.arg("30");
+    run_command(cmd, Duration::from_millis(200));
 }

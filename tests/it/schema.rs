@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use crate::harness::{connect, run_worker, shared, TestDb, WorkerProcess};
+use crate::harness::{connect, exclusive, run_worker, shared, TestDb, WorkerProcess};
 
 /// `run_worker` off the async threads.
 async fn worker(url: &str, args: &[&str]) -> (i32, String, String) {
@@ -574,6 +574,160 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
     );
 }
 
+/// Writes `outcome` for `job` with the daemon's completer; returns the new status.
+async fn finish(completer: &RealCompleter, job: &ClaimedJob, outcome: Outcome) -> Written {
+    completer
+        .send_and_wait(Finished {
+            key: job.key,
+            batch_id: job.batch_id,
+            outcome,
+        })
+        .await
+        .expect("one outcome written")
+}
+
+fn applied(status: &str) -> Written {
+    Written::Applied {
+        status: status.into(),
+        retry_in: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_task_counts_as_failed_in_its_batch() {
+    let db = shared().database(true).await;
+    let completer = RealCompleter::start(&db.url);
+    let c = &db.client;
+    let (batch, ids) = enqueue_noops(c, 3).await;
+
+    // Cancelled while pending, as the app or an operator would.
+    let ok: bool = c
+        .query_one("SELECT docworker_cancel($1)", &[&ids[0]])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ok);
+    assert_eq!(db.status(ids[0]).await, "cancelled");
+    assert_eq!(batch_state(c, batch).await, ("pending".into(), 0, 1, false));
+
+    // The cancelled task is not claimed; the other two complete.
+    let claimed = claim_all(&db.url, 10).await;
+    let mut claimed_ids: Vec<Uuid> = claimed.iter().map(|j| j.key.id).collect();
+    claimed_ids.sort();
+    let mut rest = ids[1..].to_vec();
+    rest.sort();
+    assert_eq!(claimed_ids, rest);
+    assert_eq!(
+        finish(&completer, &claimed[0], Outcome::Completed).await,
+        applied("completed")
+    );
+    assert_eq!(batch_state(c, batch).await, ("pending".into(), 1, 1, false));
+    assert_eq!(
+        finish(&completer, &claimed[1], Outcome::Completed).await,
+        applied("completed")
+    );
+    assert_eq!(
+        batch_state(c, batch).await,
+        ("completed_with_errors".into(), 2, 1, true)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waiting_for_its_retry_keeps_its_batch_pending() {
+    let db = shared().database(true).await;
+    let completer = RealCompleter::start(&db.url);
+    let c = &db.client;
+    let (batch, ids) = enqueue_noops(c, 2).await;
+    let claimed = claim_all(&db.url, 10).await;
+    assert_eq!(claimed.len(), 2);
+    let first = claimed.iter().find(|j| j.key.id == ids[0]).unwrap();
+    let second = claimed.iter().find(|j| j.key.id == ids[1]).unwrap();
+
+    assert_eq!(
+        finish(&completer, first, Outcome::Completed).await,
+        applied("completed")
+    );
+    // A transient failure with attempts left: back to pending, due later.
+    let written = finish(
+        &completer,
+        second,
+        Outcome::Failed(JobError::transient("dependency down")),
+    )
+    .await;
+    assert!(
+        matches!(&written, Written::Applied { status, retry_in: Some(_) } if status == "pending"),
+        "{written:?}"
+    );
+    let row = c
+        .query_one(
+            "SELECT status::text, run_at > now(), finished_at IS NULL FROM job_tasks WHERE id = $1",
+            &[&ids[1]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, String>(0).as_str(),
+            row.get::<_, bool>(1),
+            row.get::<_, bool>(2)
+        ),
+        ("pending", true, true)
+    );
+    // The batch has not finished: one task is still to run.
+    assert_eq!(batch_state(c, batch).await, ("pending".into(), 1, 0, false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_for_every_announced_task() {
+    let db = shared().database(true).await;
+    let completer = RealCompleter::start(&db.url);
+    let c = &db.client;
+    // The app announced three tasks but has inserted only two so far.
+    let batch: Uuid = c
+        .query_one(
+            "INSERT INTO job_batches (total_tasks) VALUES (3) RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.execute(
+        "INSERT INTO job_tasks (batch_id, filename, task_type)
+         VALUES ($1, 'one', 'noop'), ($1, 'two', 'noop')",
+        &[&batch],
+    )
+    .await
+    .unwrap();
+    let claimed = claim_all(&db.url, 10).await;
+    assert_eq!(claimed.len(), 2);
+    for job in &claimed {
+        assert_eq!(job.batch_id, Some(batch));
+        assert_eq!(
+            finish(&completer, job, Outcome::Completed).await,
+            applied("completed")
+        );
+    }
+    assert_eq!(batch_state(c, batch).await, ("pending".into(), 2, 0, false));
+
+    // The third task arrives and completes: now the batch is done.
+    c.execute(
+        "INSERT INTO job_tasks (batch_id, filename, task_type) VALUES ($1, 'three', 'noop')",
+        &[&batch],
+    )
+    .await
+    .unwrap();
+    let claimed = claim_all(&db.url, 10).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        finish(&completer, &claimed[0], Outcome::Completed).await,
+        applied("completed")
+    );
+    assert_eq!(
+        batch_state(c, batch).await,
+        ("completed".into(), 3, 0, true)
+    );
+}
+
 /// Waits until backend `pid` waits on a lock.
 async fn wait_until_blocked(observer: &Client, pid: i32) {
     let start = Instant::now();
@@ -742,6 +896,7 @@ fn plan_nodes<'a>(node: &'a Value, out: &mut Vec<&'a Value>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claim_reads_only_the_partial_index_among_a_million_finished_rows() {
+    let _gate = exclusive().await;
     let db = shared().database(true).await;
     let c = &db.client;
     let started = Instant::now();

@@ -110,22 +110,38 @@ impl Core {
 }
 
 /// Retries the first connection until it works or shutdown begins, so a
-/// worker started alongside its database (Compose, boot) simply waits.
+/// worker started alongside its database (Compose, boot) simply waits. A
+/// refusal that waiting cannot fix (no such database, bad credentials) is
+/// reported at once.
 async fn wait_for_database(pool: &Pool, shutdown: &Shutdown) -> Result<()> {
     let mut delay = Duration::from_millis(200);
     loop {
-        match pool.get().await {
+        let e = match pool.get().await {
             Ok(_) => return Ok(()),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not reachable yet");
-                tokio::select! {
-                    _ = shutdown.begun() => return Err(e).context("database not reachable"),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
+            Err(e) => anyhow::Error::new(e),
+        };
+        if let Some(code) = refusal_code(&e) {
+            return Err(e).context(format!(
+                "the database refused the connection (SQLSTATE {code}): check database.url / DATABASE_URL"
+            ));
         }
+        tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "database not reachable yet");
+        tokio::select! {
+            _ = shutdown.begun() => return Err(e).context("database not reachable"),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
+}
+
+/// The SQLSTATE of a refusal no retry can fix: invalid authorization
+/// (class 28) or a database that does not exist (3D000).
+fn refusal_code(e: &anyhow::Error) -> Option<String> {
+    e.chain()
+        .filter_map(|cause| cause.downcast_ref::<tokio_postgres::Error>())
+        .filter_map(|pg| pg.as_db_error())
+        .map(|db| db.code().code().to_owned())
+        .find(|code| code.starts_with("28") || code == "3D000")
 }
 
 /// The daemon. Returns when a graceful shutdown has completed.

@@ -649,3 +649,31 @@ async fn an_unmigrated_database_is_refused_with_a_hint() {
         .get(0);
     assert!(!created);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_does_not_exist_is_refused_at_once() {
+    let db = shared().database(true).await;
+    let missing = db.url.rsplit_once('/').unwrap().0.to_owned() + "/no_such_database";
+    for args in [&["--once"][..], &["run"][..]] {
+        let started = std::time::Instant::now();
+        let (code, out, err) = bare_within(
+            args,
+            &[("DATABASE_URL", missing.as_str())],
+            None,
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(code, 1, "{args:?}: {}", show(&out, &err));
+        assert!(
+            err.contains("no_such_database") && err.contains("does not exist"),
+            "{args:?}: {}",
+            show(&out, &err)
+        );
+        // Refused, not retried until some timeout.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+}

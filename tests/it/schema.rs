@@ -299,6 +299,42 @@ async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
         assert!(r.get::<_, bool>(10));
     }
 
+    // Existing batches are rolled up by the migration: the finished one
+    // counts its failure and gets a finish time (so pruning can age it),
+    // the running one stays pending.
+    let row = c
+        .query_one(
+            "SELECT status::text, completed_tasks, failed_tasks, finished_at IS NOT NULL
+               FROM job_batches WHERE id = $1",
+            &[&batch_b],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, i32>(2),
+            row.get::<_, bool>(3)
+        ),
+        ("completed_with_errors".into(), 1, 1, true)
+    );
+    let row = c
+        .query_one(
+            "SELECT status::text, failed_tasks, finished_at IS NULL FROM job_batches WHERE id = $1",
+            &[&batch_a],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, bool>(2)
+        ),
+        ("pending".into(), 0, true)
+    );
+
     // The legacy index is replaced by the claim index.
     assert!(!exists(c, "idx_tasks_claimable").await);
     assert!(exists(c, "job_tasks_claim_idx").await);

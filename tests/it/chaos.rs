@@ -5,17 +5,17 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use docworker::completer::{Completer, Finished, Outcome, Written};
-use docworker::config::DatabaseSettings;
+use docworker::completer::{Finished, Outcome, Written};
 use docworker::job::{Attempt, JobError};
 use docworker::progress::JobContext;
-use docworker::retry::RetryPolicy;
 use docworker::running::{StopReason, StopSignal};
 use serde_json::json;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::harness::{connect, exclusive, shared, timed, Cluster, TestDb, WorkerProcess};
+use crate::harness::{
+    self, connect, exclusive, shared, timed, ActingWorker, Cluster, TestDb, WorkerProcess,
+};
 
 // Helpers --------------------------------------------------------------------
 
@@ -207,47 +207,6 @@ async fn started_at(db: &TestDb) -> String {
         .await
         .unwrap()
         .get(0)
-}
-
-fn db_settings(url: &str) -> DatabaseSettings {
-    DatabaseSettings {
-        url: url.to_string(),
-        pool_size: 4,
-        connect_timeout: Duration::from_secs(5),
-    }
-}
-
-/// The real completer writing as `worker_id`, as a late worker would.
-struct LateWriter {
-    completer: Completer,
-    pool: deadpool_postgres::Pool,
-}
-
-impl LateWriter {
-    /// Writes one outcome (claiming nothing) and returns what became of it.
-    async fn send_and_wait(&self, finished: Finished) -> Option<Written> {
-        let mut cycle = self
-            .completer
-            .write(&self.pool, std::slice::from_ref(&finished), 0)
-            .await
-            .unwrap();
-        assert!(cycle.claimed.is_empty());
-        cycle.written.pop()
-    }
-}
-
-fn completer_as(pool: &deadpool_postgres::Pool, worker_id: &str) -> LateWriter {
-    LateWriter {
-        completer: Completer::new(
-            worker_id.into(),
-            RetryPolicy {
-                base_delay: Duration::from_millis(200),
-                max_delay: Duration::from_secs(2),
-            },
-            Duration::from_secs(3),
-        ),
-        pool: pool.clone(),
-    }
 }
 
 fn finished(id: Uuid, attempt: i32, outcome: Outcome) -> Finished {
@@ -449,8 +408,8 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
 
     // While B runs attempt 2, A's late writes (A's attempt, or B's attempt
     // under A's name) change nothing. B's heartbeat renews the lease meanwhile.
-    let pool = docworker::db::pool(&db_settings(&db.url), "chaos-test").unwrap();
-    let late = completer_as(&pool, &a_id);
+    let pool = harness::pool(&db.url);
+    let late = ActingWorker::new(&db.url, &a_id);
     let before = snapshot(&db, id, &["locked_until", "heartbeat_at"]).await;
     for (attempt, outcome) in [
         (1, Outcome::Completed),
@@ -458,9 +417,7 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
         (1, Outcome::HandBack),
         (2, Outcome::Completed),
     ] {
-        let written = late
-            .send_and_wait(finished(id, attempt, outcome.clone()))
-            .await;
+        let written = late.record(finished(id, attempt, outcome.clone())).await;
         assert_eq!(
             written,
             Some(Written::Rejected),
@@ -471,10 +428,8 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
     assert_stage_write_fenced(&pool, id, 2, &a_id).await;
     assert_stage_write_fenced(&pool, id, 1, &b_id).await;
     // Each part of the fence counts: B's own name with a stale attempt is refused too.
-    let stale = completer_as(&pool, &b_id);
-    let written = stale
-        .send_and_wait(finished(id, 1, Outcome::Completed))
-        .await;
+    let stale = ActingWorker::new(&db.url, &b_id);
+    let written = stale.record(finished(id, 1, Outcome::Completed)).await;
     assert_eq!(
         written,
         Some(Written::Rejected),
@@ -556,9 +511,7 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
 
     // After completion A's late outcome is still refused and changes nothing.
     let before = snapshot(&db, id, &[]).await;
-    let written = late
-        .send_and_wait(finished(id, 1, Outcome::Completed))
-        .await;
+    let written = late.record(finished(id, 1, Outcome::Completed)).await;
     assert_eq!(written, Some(Written::Rejected));
     assert_stage_write_fenced(&pool, id, 1, &a_id).await;
     assert_eq!(snapshot(&db, id, &[]).await, before);

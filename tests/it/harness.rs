@@ -675,3 +675,60 @@ fn run_command_kills_a_command_past_its_deadline() {
     cmd.arg("30");
     run_command(cmd, Duration::from_millis(200));
 }
+
+/// A connection pool like the daemon's, for driving its code in-process.
+pub fn pool(url: &str) -> deadpool_postgres::Pool {
+    let settings = docworker::config::DatabaseSettings {
+        url: url.to_owned(),
+        pool_size: 4,
+        connect_timeout: Duration::from_secs(5),
+    };
+    docworker::db::pool(&settings, "docworker test").unwrap()
+}
+
+/// The daemon's own write-cycle statement run in-process under a chosen
+/// worker id: claims as that worker would and records outcomes as it would
+/// (a late one included).
+pub struct ActingWorker {
+    completer: docworker::completer::Completer,
+    pool: deadpool_postgres::Pool,
+}
+
+impl ActingWorker {
+    pub fn new(url: &str, worker_id: &str) -> ActingWorker {
+        ActingWorker {
+            completer: docworker::completer::Completer::new(
+                worker_id.into(),
+                docworker::retry::RetryPolicy {
+                    base_delay: Duration::from_millis(200),
+                    max_delay: Duration::from_secs(2),
+                },
+                Duration::from_secs(30),
+            ),
+            pool: pool(url),
+        }
+    }
+
+    /// Claims up to `limit` due jobs.
+    pub async fn claim(&self, limit: i64) -> Vec<docworker::job::ClaimedJob> {
+        self.completer
+            .write(&self.pool, &[], limit)
+            .await
+            .unwrap()
+            .claimed
+    }
+
+    /// Records one outcome (claiming nothing); returns what became of it.
+    pub async fn record(
+        &self,
+        finished: docworker::completer::Finished,
+    ) -> Option<docworker::completer::Written> {
+        let mut cycle = self
+            .completer
+            .write(&self.pool, std::slice::from_ref(&finished), 0)
+            .await
+            .unwrap();
+        assert!(cycle.claimed.is_empty());
+        cycle.written.pop()
+    }
+}

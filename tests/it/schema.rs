@@ -5,15 +5,13 @@
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use docworker::completer::{Completer, Finished, Outcome, Written};
-use docworker::config::DatabaseSettings;
+use docworker::completer::{Finished, Outcome, Written};
 use docworker::job::{ClaimedJob, JobError};
-use docworker::retry::RetryPolicy;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use crate::harness::{connect, exclusive, run_worker, shared, TestDb, WorkerProcess};
+use crate::harness::{connect, exclusive, run_worker, shared, ActingWorker, TestDb, WorkerProcess};
 
 /// `run_worker` off the async threads.
 async fn worker(url: &str, args: &[&str]) -> (i32, String, String) {
@@ -408,52 +406,6 @@ async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
 
 const FAKE_WORKER: &str = "fake-worker-rollup";
 
-/// The daemon's completer, writing as [`FAKE_WORKER`].
-struct RealCompleter {
-    completer: Completer,
-    pool: deadpool_postgres::Pool,
-}
-
-impl RealCompleter {
-    fn start(url: &str) -> RealCompleter {
-        let settings = DatabaseSettings {
-            url: url.to_owned(),
-            pool_size: 4,
-            connect_timeout: Duration::from_secs(5),
-        };
-        let pool = docworker::db::pool(&settings, "docworker test completer").unwrap();
-        let completer = Completer::new(
-            FAKE_WORKER.into(),
-            RetryPolicy {
-                base_delay: Duration::from_millis(200),
-                max_delay: Duration::from_secs(2),
-            },
-            Duration::from_secs(30),
-        );
-        RealCompleter { completer, pool }
-    }
-
-    /// Claims up to `limit` due jobs with the daemon's statement.
-    async fn claim(&self, limit: i64) -> Vec<ClaimedJob> {
-        self.completer
-            .write(&self.pool, &[], limit)
-            .await
-            .unwrap()
-            .claimed
-    }
-
-    /// Writes one outcome (claiming nothing) and returns what became of it.
-    async fn send_and_wait(&self, finished: Finished) -> Option<Written> {
-        let mut cycle = self
-            .completer
-            .write(&self.pool, std::slice::from_ref(&finished), 0)
-            .await
-            .unwrap();
-        assert!(cycle.claimed.is_empty());
-        cycle.written.pop()
-    }
-}
-
 /// Enqueues a batch of `n` noop tasks; returns (batch, task ids in order).
 async fn enqueue_noops(client: &Client, n: usize) -> (Uuid, Vec<Uuid>) {
     let tasks: Vec<Value> = (0..n)
@@ -470,10 +422,9 @@ async fn enqueue_noops(client: &Client, n: usize) -> (Uuid, Vec<Uuid>) {
     (rows[0].get(0), rows.iter().map(|r| r.get(1)).collect())
 }
 
-/// Claims every due job for [`FAKE_WORKER`] with the worker's own claim query.
 /// Claims up to `limit` due jobs for [`FAKE_WORKER`] with the daemon's statement.
 async fn claim_all(url: &str, limit: i64) -> Vec<ClaimedJob> {
-    RealCompleter::start(url).claim(limit).await
+    ActingWorker::new(url, FAKE_WORKER).claim(limit).await
 }
 
 async fn batch_state(client: &Client, batch: Uuid) -> (String, i32, i32, bool) {
@@ -507,7 +458,7 @@ fn permutations3() -> Vec<[usize; 3]> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_rollup_is_right_in_every_finishing_order() {
     let db = shared().database(true).await;
-    let completer = RealCompleter::start(&db.url);
+    let completer = ActingWorker::new(&db.url, FAKE_WORKER);
     let c = &db.client;
 
     // Task i finishes as planned[i]; true = completed, false = permanent error.
@@ -530,7 +481,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
                     Outcome::Failed(JobError::permanent("planned failure"))
                 };
                 let written = completer
-                    .send_and_wait(Finished {
+                    .record(Finished {
                         key: job.key,
                         batch_id: job.batch_id,
                         outcome,
@@ -573,7 +524,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
     let (batch, ids) = enqueue_noops(c, 2).await;
     for job in claim_all(&db.url, 10).await {
         let written = completer
-            .send_and_wait(Finished {
+            .record(Finished {
                 key: job.key,
                 batch_id: job.batch_id,
                 outcome: Outcome::Completed,
@@ -597,7 +548,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].key.id, ids[1]);
     completer
-        .send_and_wait(Finished {
+        .record(Finished {
             key: claimed[0].key,
             batch_id: claimed[0].batch_id,
             outcome: Outcome::Completed,
@@ -611,9 +562,9 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
 }
 
 /// Writes `outcome` for `job` with the daemon's completer; returns the new status.
-async fn finish(completer: &RealCompleter, job: &ClaimedJob, outcome: Outcome) -> Written {
+async fn finish(completer: &ActingWorker, job: &ClaimedJob, outcome: Outcome) -> Written {
     completer
-        .send_and_wait(Finished {
+        .record(Finished {
             key: job.key,
             batch_id: job.batch_id,
             outcome,
@@ -632,7 +583,7 @@ fn applied(status: &str) -> Written {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_task_counts_as_failed_in_its_batch() {
     let db = shared().database(true).await;
-    let completer = RealCompleter::start(&db.url);
+    let completer = ActingWorker::new(&db.url, FAKE_WORKER);
     let c = &db.client;
     let (batch, ids) = enqueue_noops(c, 3).await;
 
@@ -671,7 +622,7 @@ async fn a_cancelled_task_counts_as_failed_in_its_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_waiting_for_its_retry_keeps_its_batch_pending() {
     let db = shared().database(true).await;
-    let completer = RealCompleter::start(&db.url);
+    let completer = ActingWorker::new(&db.url, FAKE_WORKER);
     let c = &db.client;
     let (batch, ids) = enqueue_noops(c, 2).await;
     let claimed = claim_all(&db.url, 10).await;
@@ -716,7 +667,7 @@ async fn a_task_waiting_for_its_retry_keeps_its_batch_pending() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_waits_for_every_announced_task() {
     let db = shared().database(true).await;
-    let completer = RealCompleter::start(&db.url);
+    let completer = ActingWorker::new(&db.url, FAKE_WORKER);
     let c = &db.client;
     // The app announced three tasks but has inserted only two so far.
     let batch: Uuid = c

@@ -573,21 +573,7 @@ async fn a_config_file_sets_values() {
     )
     .unwrap();
     let (code, out, err) = bare(&["--config", file.to_str().unwrap(), "--once"], &[], None).await;
-    assert_eq!(code, 0, "{}", show(&out, &err));
-    assert!(
-        out.contains(&job.to_string()) && out.contains("completed"),
-        "{}",
-        show(&out, &err)
-    );
-    assert_eq!(db.status(job).await, "completed");
-    let log_lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(!log_lines.is_empty(), "{}", show(&out, &err));
-    for line in log_lines {
-        assert!(
-            serde_json::from_str::<Value>(line).is_ok(),
-            "log.format = \"json\" from the file was not applied: {line}"
-        );
-    }
+    assert_completed_with_json_logs(&db, job, code, &out, &err).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -597,8 +583,8 @@ async fn database_url_overrides_the_config_file() {
     let job = db.noop_job(json!({})).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("docworker.toml");
-    // The file names a database that does not exist (a worker using it would
-    // wait for it forever); it also asks for JSON logs, to show it was read.
+    // The file names a database that does not exist (a worker using it
+    // would be refused); it also asks for JSON logs, to show it was read.
     let missing = cluster.url_for(&format!("dw_missing_{}", Uuid::new_v4().simple()));
     std::fs::write(
         &file,
@@ -612,21 +598,7 @@ async fn database_url_overrides_the_config_file() {
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(code, 0, "{}", show(&out, &err));
-    assert!(
-        out.contains(&job.to_string()) && out.contains("completed"),
-        "{}",
-        show(&out, &err)
-    );
-    assert_eq!(db.status(job).await, "completed");
-    let log_lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(!log_lines.is_empty(), "{}", show(&out, &err));
-    for line in log_lines {
-        assert!(
-            serde_json::from_str::<Value>(line).is_ok(),
-            "the rest of the file was not applied: {line}"
-        );
-    }
+    assert_completed_with_json_logs(&db, job, code, &out, &err).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -674,6 +646,26 @@ async fn a_database_that_does_not_exist_is_refused_at_once() {
             started.elapsed() < Duration::from_secs(10),
             "{args:?} took {:?}",
             started.elapsed()
+        );
+    }
+}
+
+/// `--once` completed `job`, and every log line is JSON: the `log.format`
+/// set in the config file was applied.
+async fn assert_completed_with_json_logs(db: &TestDb, job: Uuid, code: i32, out: &str, err: &str) {
+    assert_eq!(code, 0, "{}", show(out, err));
+    assert!(
+        out.contains(&job.to_string()) && out.contains("completed"),
+        "{}",
+        show(out, err)
+    );
+    assert_eq!(db.status(job).await, "completed");
+    let log_lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!log_lines.is_empty(), "{}", show(out, err));
+    for line in log_lines {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "log.format = \"json\" from the config file was not applied: {line}"
         );
     }
 }

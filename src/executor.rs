@@ -76,8 +76,8 @@ impl Executor {
             spec.key,
             stop.clone(),
         );
-        // Dropping the body's future is what cancels it: every branch but the
-        // first drops it at its current await point.
+        // Dropping the body's future is what cancels it: a stop signal or the
+        // time limit drops it at whatever await point it has reached.
         let result = tokio::select! {
             biased;
             _ = stop.stopped() => None,

@@ -58,10 +58,13 @@ struct Core {
 }
 
 impl Core {
-    async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Core> {
+    /// `None` when shutdown began before the database could be reached.
+    async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Option<Core>> {
         let worker_id: Arc<str> = new_worker_id().into();
         let pool = db::pool(&settings.database, &format!("docworker {worker_id}"))?;
-        wait_for_database(&pool, shutdown).await?;
+        if !wait_for_database(&pool, shutdown).await? {
+            return Ok(None);
+        }
         {
             let client = pool.get().await?;
             schema::ensure_current(&client).await?;
@@ -89,7 +92,7 @@ impl Core {
             lease: w.lease_duration,
         });
         tracing::info!(worker_id = %worker_id, database = %db::redacted(&db::pg_config(&settings.database, "")?), "worker started");
-        Ok(Core {
+        Ok(Some(Core {
             pool,
             worker_id,
             running,
@@ -97,7 +100,7 @@ impl Core {
             cancels,
             executor,
             background,
-        })
+        }))
     }
 
     fn completer(&self, settings: &Settings) -> Completer {
@@ -109,15 +112,15 @@ impl Core {
     }
 }
 
-/// Retries the first connection until it works or shutdown begins, so a
-/// worker started alongside its database (Compose, boot) simply waits. A
-/// refusal that waiting cannot fix (no such database, bad credentials) is
-/// reported at once.
-async fn wait_for_database(pool: &Pool, shutdown: &Shutdown) -> Result<()> {
+/// Retries the first connection until it works (true) or shutdown begins
+/// (false), so a worker started alongside its database (Compose, boot)
+/// simply waits. A refusal that waiting cannot fix (no such database, bad
+/// credentials) is an error at once.
+async fn wait_for_database(pool: &Pool, shutdown: &Shutdown) -> Result<bool> {
     let mut delay = Duration::from_millis(200);
     loop {
         let e = match pool.get().await {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(true),
             Err(e) => anyhow::Error::new(e),
         };
         if let Some(code) = refusal_code(&e) {
@@ -127,7 +130,7 @@ async fn wait_for_database(pool: &Pool, shutdown: &Shutdown) -> Result<()> {
         }
         tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "database not reachable yet");
         tokio::select! {
-            _ = shutdown.begun() => return Err(e).context("database not reachable"),
+            _ = shutdown.begun() => return Ok(false),
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
@@ -146,7 +149,10 @@ fn refusal_code(e: &anyhow::Error) -> Option<String> {
 
 /// The daemon. Returns when a graceful shutdown has completed.
 pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
-    let core = Core::start(settings, &shutdown).await?;
+    let Some(core) = Core::start(settings, &shutdown).await? else {
+        tracing::info!("shut down before the database was reachable");
+        return Ok(());
+    };
     let w = &settings.worker;
     if w.listen {
         tokio::spawn(
@@ -238,7 +244,9 @@ pub async fn run_once(
     job_id: Option<Uuid>,
     shutdown: Shutdown,
 ) -> Result<OnceResult> {
-    let core = Core::start(settings, &shutdown).await?;
+    let Some(core) = Core::start(settings, &shutdown).await? else {
+        bail!("stopped before the database was reachable");
+    };
     let completer = core.completer(settings);
     let result = once(&core, &completer, settings, job_id, &shutdown).await;
     core.background.cancel();

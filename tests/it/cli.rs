@@ -669,3 +669,21 @@ async fn assert_completed_with_json_logs(db: &TestDb, job: Uuid, code: i32, out:
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_waiting_for_the_database_is_a_clean_exit() {
+    // Nothing listens on port 1: the worker keeps waiting for its database.
+    let mut w = WorkerProcess::spawn(
+        "postgres://postgres@127.0.0.1:1/docworker",
+        &[("DOCWORKER__DATABASE__CONNECT_TIMEOUT", "1s")],
+    );
+    w.wait_log("database not reachable yet", Duration::from_secs(20))
+        .await;
+    w.signal("TERM");
+    assert_eq!(
+        w.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        w.logs()
+    );
+}

@@ -99,6 +99,30 @@ where
     }
 }
 
+/// Waits until `worker` runs attempt 1 of job `id` and `cond` (SQL over
+/// `job_tasks t`) holds; returns that worker's id.
+async fn wait_first_attempt_on(
+    db: &TestDb,
+    id: Uuid,
+    worker: &WorkerProcess,
+    cond: &str,
+) -> String {
+    let (_, attempt, holder) = wait_row(
+        db,
+        id,
+        &format!("status = 'processing' AND locked_by IS NOT NULL AND ({cond})"),
+        Duration::from_secs(20),
+    )
+    .await;
+    let holder = holder.unwrap();
+    assert_eq!(
+        (attempt, pid_in(&holder)),
+        (1, worker.pid()),
+        "not attempt 1 on the expected worker ({holder})"
+    );
+    holder
+}
+
 /// Waits until job `id` matches the SQL condition `cond` (over `job_tasks t`);
 /// returns (status, attempt, locked_by).
 async fn wait_row(
@@ -373,16 +397,7 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
     let mut a = WorkerProcess::spawn(&db.url, &[]);
     let id = db.noop_job(json!({"sleep_ms": 5000})).await;
 
-    let (_, attempt, a_id) = wait_row(
-        &db,
-        id,
-        "status = 'processing' AND locked_by IS NOT NULL",
-        Duration::from_secs(20),
-    )
-    .await;
-    let a_id = a_id.unwrap();
-    assert_eq!(attempt, 1);
-    assert_eq!(pid_in(&a_id), a.pid(), "claimed by someone other than A");
+    let a_id = wait_first_attempt_on(&db, id, &a, "true").await;
     a.signal("KILL");
     assert_eq!(
         a.wait_exit(Duration::from_secs(10)),
@@ -534,15 +549,7 @@ async fn expired_lease_with_no_attempts_left_ends_in_error() {
         .await
         .unwrap()
         .get(0);
-    let (_, attempt, a_id) = wait_row(
-        &db,
-        id,
-        "status = 'processing' AND locked_by IS NOT NULL AND stage = 'sleeping'",
-        Duration::from_secs(20),
-    )
-    .await;
-    let a_id = a_id.unwrap();
-    assert_eq!((attempt, pid_in(&a_id)), (1, a.pid()));
+    let a_id = wait_first_attempt_on(&db, id, &a, "stage = 'sleeping'").await;
     a.signal("KILL");
     assert_eq!(
         a.wait_exit(Duration::from_secs(10)),
@@ -616,15 +623,7 @@ async fn paused_worker_late_write_is_refused() {
     let id = db.noop_job(json!({"sleep_ms": 4000})).await;
     // Paused inside the body's sleep, so that on waking the body has finished
     // and A tries to record its outcome.
-    let (_, attempt, a_id) = wait_row(
-        &db,
-        id,
-        "status = 'processing' AND locked_by IS NOT NULL AND stage = 'sleeping'",
-        Duration::from_secs(20),
-    )
-    .await;
-    let a_id = a_id.unwrap();
-    assert_eq!((attempt, pid_in(&a_id)), (1, a.pid()));
+    let a_id = wait_first_attempt_on(&db, id, &a, "stage = 'sleeping'").await;
     a.signal("STOP");
 
     let b = WorkerProcess::spawn(&db.url, &[]);

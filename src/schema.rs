@@ -13,6 +13,8 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "queue", include_str!("../sql
 /// The schema version this binary needs.
 pub const CURRENT_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
+const APPLIED_VERSION_SQL: &str = "SELECT coalesce(max(version), 0) FROM docworker_migrations";
+
 /// Arbitrary but fixed: "docworker" on a phone keypad.
 const MIGRATION_LOCK: i64 = 3_627_967_537;
 
@@ -30,13 +32,7 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
              applied_at timestamptz NOT NULL DEFAULT now())",
     )
     .await?;
-    let current: i32 = tx
-        .query_one(
-            "SELECT coalesce(max(version), 0) FROM docworker_migrations",
-            &[],
-        )
-        .await?
-        .get(0);
+    let current: i32 = tx.query_one(APPLIED_VERSION_SQL, &[]).await?.get(0);
     let mut applied = Vec::new();
     for (version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v > current) {
         tx.batch_execute(sql)
@@ -67,13 +63,7 @@ pub async fn version(client: &Client) -> Result<i32> {
     if !migrated {
         return Ok(0);
     }
-    let row = client
-        .query_one(
-            "SELECT coalesce(max(version), 0) FROM docworker_migrations",
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
+    Ok(client.query_one(APPLIED_VERSION_SQL, &[]).await?.get(0))
 }
 
 /// Refuses to run against a schema this binary does not match.

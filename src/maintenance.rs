@@ -132,12 +132,16 @@ impl Maintenance {
                 let status: String = row.get(1);
                 tracing::warn!(job = %id, new_status = %status, "reclaimed a job whose lease expired");
             }
-            if rows.iter().any(|r| r.get::<_, String>(1) == "pending") {
+            let due_again = rows.iter().any(|r| r.get::<_, String>(1) == "pending");
+            if due_again {
                 tx.execute("SELECT pg_notify('docworker_jobs', '')", &[])
                     .await?;
-                self.wake.notify_one();
             }
             tx.commit().await?;
+            if due_again {
+                // Only now can the local producer see them.
+                self.wake.notify_one();
+            }
             total += rows.len();
             if (rows.len() as i64) < RESCUE_BATCH {
                 return Ok(total);

@@ -91,11 +91,17 @@ impl Settings {
             if !path.exists() {
                 bail!("config file {} does not exist", path.display());
             }
-            builder = builder.add_source(
-                config::File::from(path)
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            );
+            // Read it once here so that a syntax error names the file as the
+            // operator gave it (the config crate prints a path relative to
+            // the working directory).
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            let source = config::File::from_str(&text, config::FileFormat::Toml);
+            config::Config::builder()
+                .add_source(source.clone())
+                .build()
+                .with_context(|| format!("invalid config file {}", path.display()))?;
+            builder = builder.add_source(source);
         }
         builder = builder.add_source(
             config::Environment::with_prefix("DOCWORKER")

@@ -3,7 +3,8 @@
 //!
 //! For rehearsing failures it honours three options:
 //! - `sleep_ms`: work this long first (cancellable like any body);
-//! - `fail`: `"transient"` or `"permanent"`, fail with that kind of error;
+//! - `fail`: `"transient"` or `"permanent"`, fail with that kind of error,
+//!   or `"panic"`, to rehearse a bug in a job body;
 //! - `fail_attempts`: fail only while the attempt number is at most this.
 
 use std::time::Duration;
@@ -18,12 +19,14 @@ pub async fn run(job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
     let fail_attempts = whole_number(job, "fail_attempts")?;
     let fail = match job.options.get("fail") {
         None | Some(Value::Null) => None,
-        Some(Value::String(kind)) if kind == "transient" || kind == "permanent" => {
+        Some(Value::String(kind))
+            if ["transient", "permanent", "panic"].contains(&kind.as_str()) =>
+        {
             Some(kind.as_str())
         }
         Some(other) => {
             return Err(JobError::permanent(format!(
-                "options.fail must be \"transient\" or \"permanent\", not {other}."
+                "options.fail must be \"transient\", \"permanent\" or \"panic\", not {other}."
             )))
         }
     };
@@ -36,10 +39,10 @@ pub async fn run(job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
     match fail {
         Some(kind) if fail_attempts.is_none_or(|n| attempt <= n) => {
             let message = format!("noop job asked to fail on attempt {attempt} (options.fail).");
-            if kind == "transient" {
-                Err(JobError::transient(message))
-            } else {
-                Err(JobError::permanent(message))
+            match kind {
+                "transient" => Err(JobError::transient(message)),
+                "permanent" => Err(JobError::permanent(message)),
+                _ => panic!("{message}"),
             }
         }
         _ => Ok(()),

@@ -380,6 +380,36 @@ async fn transient_failures_wait_within_the_backoff_bounds_without_holding_a_slo
 // 2. Permanent versus transient ---------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_body_fails_its_job_and_the_daemon_keeps_serving() {
+    let db = shared().database(true).await;
+    let mut w = WorkerProcess::spawn(&db.url, &[("DOCWORKER__WORKER__CONCURRENCY", "1")]);
+    let panicking = insert_job(&db, "noop", json!({"fail": "panic"}), 5).await;
+    db.wait_status(panicking, "error", Duration::from_secs(20))
+        .await;
+    let row = db
+        .client
+        .query_one(
+            "SELECT attempt, error_message, errors->0->>'kind' FROM job_tasks WHERE id = $1",
+            &[&panicking],
+        )
+        .await
+        .unwrap();
+    // A bug is not retried: it would only panic again.
+    assert_eq!(row.get::<_, i32>(0), 1);
+    let message: String = row.get(1);
+    assert!(
+        message.contains("internal error") && message.contains("noop job asked to fail"),
+        "{message}"
+    );
+    assert_eq!(row.get::<_, String>(2), "permanent");
+    // The same process, with its only slot, still runs the next job.
+    let next = insert_job(&db, "noop", json!({}), 5).await;
+    db.wait_status(next, "completed", Duration::from_secs(20))
+        .await;
+    assert_eq!(w.child.try_wait().unwrap(), None, "the worker exited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_failures_are_final_and_transient_ones_give_up_after_max_attempts() {
     let db = shared().database(true).await;
     let _w = WorkerProcess::spawn(&db.url, &[]);
@@ -632,7 +662,13 @@ async fn bad_rows_end_in_error_with_a_clear_message_and_the_daemon_keeps_serving
             "noop",
             json!({"fail": "sometimes"}),
             None,
-            &["options.fail", "transient", "permanent", "sometimes"],
+            &[
+                "options.fail",
+                "transient",
+                "permanent",
+                "panic",
+                "sometimes",
+            ],
         ),
         ("ingest", json!({}), None, &["ingest", "file_path"]),
         ("ingest", json!({}), Some("   "), &["ingest", "file_path"]),

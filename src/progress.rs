@@ -36,10 +36,6 @@ impl JobContext {
         }
     }
 
-    pub fn key(&self) -> Attempt {
-        self.key
-    }
-
     /// Records the stage the job has entered (parsing, chunking, ...).
     pub async fn set_stage(&self, stage: &str) -> Result<(), JobError> {
         self.fenced_write(

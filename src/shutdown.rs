@@ -26,10 +26,6 @@ impl Shutdown {
         self.begun.cancel();
     }
 
-    pub fn is_begun(&self) -> bool {
-        self.begun.is_cancelled()
-    }
-
     /// Resolves once shutdown has begun.
     pub async fn begun(&self) {
         self.begun.cancelled().await

@@ -20,6 +20,7 @@ use deadpool_postgres::Pool;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
+use crate::pipeline::source::Disposal;
 use crate::job::{Attempt, ClaimedJob, JobError};
 use crate::producer::{claim_columns, claim_set};
 use crate::retry::RetryPolicy;
@@ -46,6 +47,20 @@ pub struct Finished {
     pub key: Attempt,
     pub batch_id: Option<Uuid>,
     pub outcome: Outcome,
+    /// Done to the uploaded file once the completion is recorded, and only then.
+    pub after_success: Option<Disposal>,
+}
+
+impl Finished {
+    /// Carries out `after_success` if `written` says the job completed.
+    pub async fn after_written(&self, written: &Written) {
+        if let (Some(d), Written::Applied { status, .. }) = (&self.after_success, written) {
+            if status == "completed" {
+                let d = d.clone();
+                let _ = tokio::task::spawn_blocking(move || d.apply()).await;
+            }
+        }
+    }
 }
 
 /// The row's state after an outcome was written.

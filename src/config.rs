@@ -5,7 +5,7 @@
 //! `--config`, then `DOCWORKER__SECTION__KEY` variables, then `DATABASE_URL`.
 //! Every value is checked once at start; a bad one is refused with its key.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -22,6 +22,10 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub maintenance: MaintenanceSettings,
     pub log: LogSettings,
+    pub files: FileSettings,
+    pub chunk: ChunkSettings,
+    pub embed: EmbedSettings,
+    pub chroma: ChromaSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -67,6 +71,74 @@ pub struct MaintenanceSettings {
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
     pub prune_batch_size: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterSuccess {
+    Keep,
+    Delete,
+    Move,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    pub upload_root: PathBuf,
+    pub max_file_mb: u64,
+    pub max_unpacked_mb: u64,
+    pub max_text_mb: u64,
+    #[serde(with = "humantime_serde")]
+    pub parse_timeout: Duration,
+    pub after_success: AfterSuccess,
+    pub move_to: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkSettings {
+    pub size: usize,
+    pub overlap: usize,
+    pub tokenizer: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Ollama,
+    OpenAi,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedSettings {
+    pub provider: Provider,
+    pub url: String,
+    pub model: String,
+    pub api_key: String,
+    pub batch_size: usize,
+    pub batch_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub tries: u32,
+    pub dimension: usize,
+    pub context_length: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChromaSettings {
+    pub url: String,
+    pub tenant: String,
+    pub database: String,
+    pub collection: String,
+    pub auth_header: String,
+    pub token: String,
+    pub batch_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -188,10 +260,117 @@ impl Settings {
             "maintenance.prune_batch_size",
             "must be between 1 and 100000".into(),
         )?;
+        self.validate_pipeline()?;
         check(
             tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(),
             "log.level",
             format!("is not a valid tracing filter: {:?}", self.log.level),
+        )?;
+        Ok(())
+    }
+}
+
+impl Settings {
+    fn validate_pipeline(&self) -> Result<()> {
+        let f = &self.files;
+        check(
+            f.upload_root.is_absolute(),
+            "files.upload_root",
+            format!("must be an absolute path (got {:?})", f.upload_root),
+        )?;
+        for (key, mb) in [
+            ("files.max_file_mb", f.max_file_mb),
+            ("files.max_unpacked_mb", f.max_unpacked_mb),
+            ("files.max_text_mb", f.max_text_mb),
+        ] {
+            check(
+                (1..=1 << 20).contains(&mb),
+                key,
+                format!("must be between 1 and 1048576 (got {mb})"),
+            )?;
+        }
+        check(
+            !f.parse_timeout.is_zero(),
+            "files.parse_timeout",
+            "must be greater than zero".into(),
+        )?;
+        check(
+            f.after_success != AfterSuccess::Move || f.move_to.is_absolute(),
+            "files.move_to",
+            "must be an absolute directory when files.after_success = \"move\"".into(),
+        )?;
+        let c = &self.chunk;
+        check(
+            (16..=100_000).contains(&c.size),
+            "chunk.size",
+            format!("must be between 16 and 100000 tokens (got {})", c.size),
+        )?;
+        check(
+            c.overlap < c.size,
+            "chunk.overlap",
+            format!("must be smaller than chunk.size ({})", c.size),
+        )?;
+        let e = &self.embed;
+        check(
+            e.url.starts_with("http://") || e.url.starts_with("https://"),
+            "embed.url",
+            format!("must be an http:// or https:// URL (got {:?})", e.url),
+        )?;
+        check(
+            !e.model.trim().is_empty(),
+            "embed.model",
+            "must not be empty".into(),
+        )?;
+        check(
+            (1..=4096).contains(&e.batch_size),
+            "embed.batch_size",
+            "must be between 1 and 4096".into(),
+        )?;
+        check(
+            e.batch_bytes >= 1024,
+            "embed.batch_bytes",
+            "must be at least 1024".into(),
+        )?;
+        check(
+            !e.timeout.is_zero(),
+            "embed.timeout",
+            "must be greater than zero".into(),
+        )?;
+        check(
+            (1..=20).contains(&e.tries),
+            "embed.tries",
+            "must be between 1 and 20".into(),
+        )?;
+        let ch = &self.chroma;
+        check(
+            ch.url.starts_with("http://") || ch.url.starts_with("https://"),
+            "chroma.url",
+            format!("must be an http:// or https:// URL (got {:?})", ch.url),
+        )?;
+        check(
+            ch.database.len() >= 3,
+            "chroma.database",
+            "must be at least 3 characters (a ChromaDB rule)".into(),
+        )?;
+        check(
+            (3..=512).contains(&ch.collection.len()),
+            "chroma.collection",
+            "must be 3 to 512 characters (a ChromaDB rule)".into(),
+        )?;
+        check(
+            (1..=100_000).contains(&ch.batch_size),
+            "chroma.batch_size",
+            "must be between 1 and 100000".into(),
+        )?;
+        check(
+            ch.token.is_empty() || !ch.auth_header.trim().is_empty(),
+            "chroma.auth_header",
+            "must name a header when chroma.token is set".into(),
+        )?;
+        check(
+            !ch.timeout.is_zero(),
+            "chroma.timeout",
+            "must be greater than zero".into(),
         )?;
         Ok(())
     }

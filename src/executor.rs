@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use crate::completer::{Finished, Outcome};
 use crate::job::{ClaimedJob, JobError, JobSpec};
+use crate::pipeline::Pipeline;
 use crate::progress::JobContext;
 use crate::running::{RunningJobs, StopReason, StopSignal};
 use crate::tasks;
@@ -25,6 +26,7 @@ pub struct Executor {
     pub running: Arc<RunningJobs>,
     pub job_timeout: Duration,
     pub lease: Duration,
+    pub pipeline: Arc<Pipeline>,
 }
 
 impl Executor {
@@ -41,7 +43,13 @@ impl Executor {
             let stop = StopSignal::default();
             self.running
                 .insert(job.key, stop.clone(), claimed_at, self.lease);
-            let outcome = self.run_body(&job, &stop).await;
+            let ctx = JobContext::new(
+                self.pool.clone(),
+                self.worker_id.clone(),
+                job.key,
+                stop.clone(),
+            );
+            let outcome = self.run_body(&job, &stop, &ctx).await;
             self.running.remove(job.key);
             let elapsed_ms = started.elapsed().as_millis() as u64;
             match &outcome {
@@ -54,34 +62,38 @@ impl Executor {
                 }
                 None => tracing::info!(elapsed_ms, reason = ?stop.reason(), "job stopped; not ours to record"),
             }
+            let after_success = match outcome {
+                Some(Outcome::Completed) => ctx.take_disposal(),
+                _ => None,
+            };
             outcome.map(|outcome| Finished {
                 key: job.key,
                 batch_id: job.batch_id,
                 outcome,
+                after_success,
             })
         }
         .instrument(span)
         .await
     }
 
-    async fn run_body(&self, job: &ClaimedJob, stop: &StopSignal) -> Option<Outcome> {
+    async fn run_body(
+        &self,
+        job: &ClaimedJob,
+        stop: &StopSignal,
+        ctx: &JobContext,
+    ) -> Option<Outcome> {
         let spec = match JobSpec::validate(job) {
             Ok(spec) => spec,
             Err(e) => return Some(Outcome::Failed(e)),
         };
         tracing::debug!(filename = %spec.filename, "job started");
-        let ctx = JobContext::new(
-            self.pool.clone(),
-            self.worker_id.clone(),
-            spec.key,
-            stop.clone(),
-        );
         // Dropping the body's future is what cancels it: a stop signal or the
         // time limit drops it at whatever await point it has reached.
         let result = tokio::select! {
             biased;
             _ = stop.stopped() => None,
-            r = tokio::time::timeout(self.job_timeout, AssertUnwindSafe(tasks::run(&spec, &ctx)).catch_unwind()) => Some(r),
+            r = tokio::time::timeout(self.job_timeout, AssertUnwindSafe(tasks::run(&spec, ctx, &self.pipeline)).catch_unwind()) => Some(r),
         };
         match (stop.reason(), result) {
             // A body that finished is recorded even if a stop raced it; the

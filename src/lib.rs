@@ -11,6 +11,7 @@ pub mod heartbeat;
 pub mod job;
 pub mod maintenance;
 pub mod notifier;
+pub mod pipeline;
 pub mod producer;
 pub mod progress;
 pub mod retry;

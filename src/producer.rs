@@ -39,7 +39,7 @@ pub fn claim_set(worker: &str, lease: &str) -> String {
         "status = 'processing', attempt = t.attempt + 1, locked_by = {worker},
          locked_until = now() + make_interval(secs => {lease}::float8), heartbeat_at = now(),
          started_at = now(), finished_at = NULL, stage = 'started',
-         total_chunks = 0, completed_chunks = 0, updated_at = now()"
+         total_chunks = 0, completed_chunks = 0, result = NULL, updated_at = now()"
     )
 }
 
@@ -152,7 +152,12 @@ impl Producer {
                 Ok(cycle) => {
                     error_backoff = Duration::from_millis(100);
                     in_use -= unwritten.len();
-                    unwritten.clear();
+                    for (finished, written) in unwritten.drain(..).zip(&cycle.written) {
+                        if finished.after_success.is_some() {
+                            let written = written.clone();
+                            tokio::spawn(async move { finished.after_written(&written).await });
+                        }
+                    }
                     for written in &cycle.written {
                         if let Written::Applied {
                             retry_in: Some(delay),

@@ -11,6 +11,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
 
 use crate::job::{Attempt, JobError};
+use crate::pipeline::source::Disposal;
 use crate::running::{StopReason, StopSignal};
 
 /// Count updates closer together than this are coalesced (stage changes and
@@ -23,6 +24,7 @@ pub struct JobContext {
     key: Attempt,
     stop: StopSignal,
     last_count_write: Mutex<Option<Instant>>,
+    after_success: std::sync::Mutex<Option<Disposal>>,
 }
 
 impl JobContext {
@@ -33,11 +35,13 @@ impl JobContext {
             key,
             stop,
             last_count_write: Mutex::new(None),
+            after_success: std::sync::Mutex::new(None),
         }
     }
 
     /// Records the stage the job has entered (parsing, chunking, ...).
     pub async fn set_stage(&self, stage: &str) -> Result<(), JobError> {
+        tracing::info!(stage, "stage");
         self.fenced_write(
             "UPDATE job_tasks SET stage = $4, updated_at = now()
               WHERE id = $1 AND attempt = $2 AND locked_by = $3 AND status = 'processing'",
@@ -56,12 +60,37 @@ impl JobContext {
             }
             *last = Some(Instant::now());
         }
+        tracing::debug!(completed, total, "progress");
         self.fenced_write(
             "UPDATE job_tasks SET completed_chunks = $4, total_chunks = $5, updated_at = now()
               WHERE id = $1 AND attempt = $2 AND locked_by = $3 AND status = 'processing'",
             &[&completed, &total],
         )
         .await
+    }
+
+    /// Records what the job produced (chunk count, whether it was skipped
+    /// as unchanged, ...) in the row's `result` column.
+    pub async fn set_result(&self, result: serde_json::Value) -> Result<(), JobError> {
+        self.fenced_write(
+            "UPDATE job_tasks SET result = $4, updated_at = now()
+              WHERE id = $1 AND attempt = $2 AND locked_by = $3 AND status = 'processing'",
+            &[&result],
+        )
+        .await
+    }
+
+    /// Asks for the uploaded file to be deleted or moved once, and only
+    /// once, the job's completion is recorded.
+    pub fn dispose_after_success(&self, disposal: Option<Disposal>) {
+        *self.after_success.lock().unwrap_or_else(|e| e.into_inner()) = disposal;
+    }
+
+    pub fn take_disposal(&self) -> Option<Disposal> {
+        self.after_success
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     async fn fenced_write(&self, sql: &str, extra: &[&(dyn ToSql + Sync)]) -> Result<(), JobError> {

@@ -8,7 +8,10 @@ use anyhow::{bail, Context, Result};
 use tokio_postgres::Client;
 
 /// (version, name, sql), in order.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "queue", include_str!("../sql/0001_queue.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "queue", include_str!("../sql/0001_queue.sql")),
+    (2, "pipeline", include_str!("../sql/0002_pipeline.sql")),
+];
 
 /// The schema version this binary needs.
 pub const CURRENT_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;

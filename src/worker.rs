@@ -21,6 +21,7 @@ use crate::heartbeat::Heartbeat;
 use crate::job::ClaimedJob;
 use crate::maintenance::Maintenance;
 use crate::notifier::Notifier;
+use crate::pipeline::Pipeline;
 use crate::producer::{self, Producer};
 use crate::retry::RetryPolicy;
 use crate::running::{RunningJobs, StopReason};
@@ -84,12 +85,18 @@ impl Core {
             }
             .run(background.clone()),
         );
+        let pipeline = Arc::new(Pipeline::new(settings)?);
+        tokio::spawn({
+            let pipeline = pipeline.clone();
+            async move { pipeline.check().await }
+        });
         let executor = Arc::new(Executor {
             pool: pool.clone(),
             worker_id: worker_id.clone(),
             running: running.clone(),
             job_timeout: w.job_timeout,
             lease: w.lease_duration,
+            pipeline,
         });
         tracing::info!(worker_id = %worker_id, database = %db::redacted(&db::pg_config(&settings.database, "")?), "worker started");
         Ok(Some(Core {
@@ -313,7 +320,10 @@ async fn write_one(completer: &Completer, pool: &Pool, finished: Finished) -> Re
             .await
         {
             Ok(mut cycle) => match cycle.written.pop() {
-                Some(written) => return Ok(written),
+                Some(written) => {
+                    finished.after_written(&written).await;
+                    return Ok(written);
+                }
                 None => bail!("the outcome was not written"),
             },
             Err(e) if Instant::now() < deadline => {

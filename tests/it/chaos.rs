@@ -238,6 +238,7 @@ fn finished(id: Uuid, attempt: i32, outcome: Outcome) -> Finished {
         key: Attempt { id, attempt },
         batch_id: None,
         outcome,
+        after_success: None,
     }
 }
 

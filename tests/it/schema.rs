@@ -485,6 +485,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
                         key: job.key,
                         batch_id: job.batch_id,
                         outcome,
+                        after_success: None,
                     })
                     .await;
                 let want = if planned[i] { "completed" } else { "error" };
@@ -528,6 +529,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
                 key: job.key,
                 batch_id: job.batch_id,
                 outcome: Outcome::Completed,
+                after_success: None,
             })
             .await;
         assert!(matches!(written, Some(Written::Applied { .. })));
@@ -552,6 +554,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
             key: claimed[0].key,
             batch_id: claimed[0].batch_id,
             outcome: Outcome::Completed,
+            after_success: None,
         })
         .await
         .unwrap();
@@ -568,6 +571,7 @@ async fn finish(completer: &ActingWorker, job: &ClaimedJob, outcome: Outcome) ->
             key: job.key,
             batch_id: job.batch_id,
             outcome,
+            after_success: None,
         })
         .await
         .expect("one outcome written")

@@ -1,0 +1,390 @@
+//! The embedding client: Ollama's `/api/embed` or an OpenAI-compatible
+//! `/v1/embeddings` (llama.cpp, TEI, vLLM, LocalAI, OpenAI).
+//!
+//! It learns the model's vector size and context length once, checks every
+//! answer (one vector per input, all of that size), retries transient
+//! failures a few times within the job, and sorts every failure into one of
+//! three kinds: worth retrying later, hopeless, or "this input is too long"
+//! (which the pipeline answers by splitting the input, never by cutting it).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+use crate::config::{EmbedSettings, Provider};
+
+/// What the pipeline needs to know about the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub dimension: usize,
+    /// In tokens, when the server says.
+    pub context_length: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbedError {
+    /// Down, slow, overloaded or a crashed runner: try again later.
+    Transient(String),
+    /// Retrying cannot help: missing model, wrong dimension, bad request.
+    Permanent(String),
+    /// An input (or the request) is over what the model or server accepts.
+    TooLong(String),
+}
+
+pub struct Embedder {
+    http: reqwest::Client,
+    settings: EmbedSettings,
+    info: Mutex<Option<ModelInfo>>,
+}
+
+impl Embedder {
+    pub fn new(settings: &EmbedSettings) -> anyhow::Result<Embedder> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Embedder {
+            http,
+            settings: settings.clone(),
+            info: Mutex::new(None),
+        })
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.settings.model
+    }
+
+    /// Identifies provider and model, for the settings fingerprint.
+    pub fn describe(&self) -> String {
+        let provider = match self.settings.provider {
+            Provider::Ollama => "ollama",
+            Provider::OpenAi => "openai",
+        };
+        format!("{provider}/{}", self.settings.model)
+    }
+
+    /// The model's vector size and context length, asked for once and then
+    /// remembered. Not remembered when asking fails, so a server that was
+    /// down at start is asked again by the next job.
+    pub async fn model(&self) -> Result<ModelInfo, EmbedError> {
+        let mut cached = self.info.lock().await;
+        if let Some(info) = *cached {
+            return Ok(info);
+        }
+        let info = match self.settings.provider {
+            Provider::Ollama => self.show_ollama_model().await?,
+            Provider::OpenAi => ModelInfo {
+                dimension: self.settings.dimension,
+                context_length: (self.settings.context_length > 0)
+                    .then_some(self.settings.context_length),
+            },
+        };
+        let info = if info.dimension == 0 {
+            // Nothing said how long the vectors are: ask for one and see.
+            let probe = self.request(&["dimension probe"]).await?;
+            ModelInfo {
+                dimension: probe.first().map_or(0, Vec::len),
+                ..info
+            }
+        } else {
+            info
+        };
+        if info.dimension == 0 {
+            return Err(EmbedError::Permanent(format!(
+                "The embedding server at {} answered with empty vectors for model {:?}.",
+                self.settings.url, self.settings.model
+            )));
+        }
+        *cached = Some(info);
+        Ok(info)
+    }
+
+    /// Embeds `inputs` in one request (the caller keeps batches within
+    /// `embed.batch_size` and `embed.batch_bytes`), retrying transient
+    /// failures up to `embed.tries` times in all.
+    pub async fn embed(&self, inputs: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let info = self.model().await?;
+        let mut delay = Duration::from_millis(250);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.request(inputs).await {
+                Ok(vectors) => return self.check(inputs.len(), info.dimension, vectors),
+                Err(EmbedError::Transient(e)) if tries < self.settings.tries => {
+                    tracing::warn!(error = %e, tries, "embedding request failed; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 4).min(Duration::from_secs(8));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn check(
+        &self,
+        inputs: usize,
+        dimension: usize,
+        vectors: Vec<Vec<f32>>,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if vectors.len() != inputs {
+            return Err(EmbedError::Transient(format!(
+                "The embedding server at {} returned {} vectors for {} inputs.",
+                self.settings.url,
+                vectors.len(),
+                inputs
+            )));
+        }
+        if let Some(v) = vectors.iter().find(|v| v.len() != dimension) {
+            return Err(EmbedError::Permanent(format!(
+                "Embedding dimension mismatch: model {:?} returned a {}-dimensional vector where {} was expected. Check embed.model and embed.dimension.",
+                self.settings.model,
+                v.len(),
+                dimension
+            )));
+        }
+        if vectors.iter().flatten().any(|x| !x.is_finite()) {
+            return Err(EmbedError::Transient(format!(
+                "The embedding server at {} returned a vector with NaN or infinite values.",
+                self.settings.url
+            )));
+        }
+        Ok(vectors)
+    }
+
+    async fn show_ollama_model(&self) -> Result<ModelInfo, EmbedError> {
+        #[derive(Deserialize)]
+        struct Show {
+            #[serde(default)]
+            capabilities: Option<Vec<String>>,
+            #[serde(default)]
+            model_info: serde_json::Map<String, Value>,
+        }
+        let url = format!("{}/api/show", self.base());
+        let body = json!({ "model": self.settings.model });
+        let show: Show = self.post(&url, &body).await?;
+        if let Some(caps) = &show.capabilities {
+            if !caps.iter().any(|c| c == "embedding") {
+                return Err(EmbedError::Permanent(format!(
+                    "Model {:?} on Ollama at {} is not an embedding model (it can do: {}). Set embed.model to an embedding model such as nomic-embed-text, and `ollama pull` it.",
+                    self.settings.model,
+                    self.settings.url,
+                    caps.join(", ")
+                )));
+            }
+        }
+        let number = |suffix: &str| {
+            show.model_info
+                .iter()
+                .find(|(k, _)| k.ends_with(suffix))
+                .and_then(|(_, v)| v.as_u64())
+                .map(|n| n as usize)
+        };
+        Ok(ModelInfo {
+            dimension: number(".embedding_length").unwrap_or(0),
+            context_length: number(".context_length"),
+        })
+    }
+
+    async fn request(&self, inputs: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        match self.settings.provider {
+            Provider::Ollama => {
+                #[derive(Deserialize)]
+                struct Answer {
+                    embeddings: Vec<Vec<f32>>,
+                }
+                let url = format!("{}/api/embed", self.base());
+                let body = json!({
+                    "model": self.settings.model,
+                    "input": inputs,
+                    // Never let the server cut an input silently.
+                    "truncate": false,
+                    "keep_alive": format!("{}s", self.settings.keep_alive.as_secs()),
+                });
+                let answer: Answer = self.post(&url, &body).await?;
+                Ok(answer.embeddings)
+            }
+            Provider::OpenAi => {
+                #[derive(Deserialize)]
+                struct Item {
+                    embedding: Vec<f32>,
+                    index: usize,
+                }
+                #[derive(Deserialize)]
+                struct Answer {
+                    data: Vec<Item>,
+                }
+                let url = format!("{}/v1/embeddings", self.base());
+                let body = json!({ "model": self.settings.model, "input": inputs });
+                let mut answer: Answer = self.post(&url, &body).await?;
+                answer.data.sort_by_key(|i| i.index);
+                Ok(answer.data.into_iter().map(|i| i.embedding).collect())
+            }
+        }
+    }
+
+    fn base(&self) -> &str {
+        self.settings.url.trim_end_matches('/')
+    }
+
+    async fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        body: &Value,
+    ) -> Result<T, EmbedError> {
+        let mut request = self.http.post(url).json(body);
+        if !self.settings.api_key.is_empty() {
+            request = request.bearer_auth(&self.settings.api_key);
+        }
+        let response = request.send().await.map_err(|e| self.unreachable(e))?;
+        let status = response.status();
+        let text = response.text().await.map_err(|e| self.unreachable(e))?;
+        if !status.is_success() {
+            return Err(self.classify(status.as_u16(), &error_message(&text)));
+        }
+        serde_json::from_str(&text).map_err(|e| {
+            EmbedError::Transient(format!(
+                "The embedding server at {} sent an answer docworker could not read ({e}).",
+                self.settings.url
+            ))
+        })
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> EmbedError {
+        let what = if e.is_timeout() {
+            format!("did not answer within embed.timeout ({:?})", self.settings.timeout)
+        } else if e.is_connect() {
+            "could not be reached".to_string()
+        } else {
+            "failed mid-request".to_string()
+        };
+        EmbedError::Transient(format!(
+            "The embedding server at {} {what}: {}",
+            self.settings.url,
+            source_chain(&e)
+        ))
+    }
+
+    /// Sorts a failed answer by what retrying can do about it. Ollama sends
+    /// runner failures (out of memory, a crashed runner) as 400 too, so its
+    /// 400s are read by message, not code.
+    fn classify(&self, status: u16, message: &str) -> EmbedError {
+        let lower = message.to_lowercase();
+        let model = &self.settings.model;
+        let url = &self.settings.url;
+        let too_long = lower.contains("context length")
+            || lower.contains("input length")
+            || lower.contains("too long")
+            || lower.contains("maximum context")
+            || (lower.contains("must have less than") && lower.contains("tokens"));
+        match status {
+            413 => EmbedError::TooLong(message.to_string()),
+            429 | 500..=599 => EmbedError::Transient(format!(
+                "The embedding server at {url} is busy or failing (HTTP {status}: {message})."
+            )),
+            401 | 403 => EmbedError::Permanent(format!(
+                "The embedding server at {url} refused the credentials (HTTP {status}: {message}). Check embed.api_key."
+            )),
+            404 => EmbedError::Permanent(format!(
+                "Embedding model {model:?} is not available at {url} ({message}). Pull it (`ollama pull {model}`) or set embed.model."
+            )),
+            _ if too_long => EmbedError::TooLong(message.to_string()),
+            400 if lower.contains("does not support embeddings") => EmbedError::Permanent(format!(
+                "Model {model:?} at {url} is not an embedding model ({message}). Set embed.model to an embedding model."
+            )),
+            400 if self.settings.provider == Provider::Ollama => EmbedError::Transient(format!(
+                "Ollama at {url} failed to embed (HTTP 400: {message})."
+            )),
+            _ => EmbedError::Permanent(format!(
+                "The embedding server at {url} rejected the request (HTTP {status}: {message})."
+            )),
+        }
+    }
+}
+
+/// The human part of an error body: Ollama's {"error": "..."}, OpenAI's
+/// {"error": {"message": ...}}, or the text itself.
+fn error_message(body: &str) -> String {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let found = parsed.as_ref().and_then(|v| {
+        let e = v.get("error")?;
+        e.as_str()
+            .map(str::to_string)
+            .or_else(|| e.get("message")?.as_str().map(str::to_string))
+    });
+    let text = found.unwrap_or_else(|| body.trim().to_string());
+    text.chars().take(300).collect()
+}
+
+/// reqwest's Display stops at the outermost error; the cause (connection
+/// refused, ...) is what a person needs.
+pub fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let s_text = s.to_string();
+        if !out.contains(&s_text) {
+            out.push_str(": ");
+            out.push_str(&s_text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn embedder(provider: Provider) -> Embedder {
+        let mut s = crate::config::Settings::load(None).unwrap().embed;
+        s.provider = provider;
+        Embedder::new(&s).unwrap()
+    }
+
+    #[test]
+    fn ollama_errors_are_sorted_by_message() {
+        let e = embedder(Provider::Ollama);
+        assert!(matches!(
+            e.classify(400, "the input length exceeds the context length"),
+            EmbedError::TooLong(_)
+        ));
+        assert!(matches!(
+            e.classify(400, "llama runner process has terminated: signal: killed"),
+            EmbedError::Transient(_)
+        ));
+        assert!(matches!(
+            e.classify(400, "\"llama3\" does not support embeddings"),
+            EmbedError::Permanent(_)
+        ));
+        assert!(matches!(
+            e.classify(404, "model \"x\" not found, try pulling it first"),
+            EmbedError::Permanent(_)
+        ));
+        assert!(matches!(e.classify(503, "server busy"), EmbedError::Transient(_)));
+        assert!(matches!(e.classify(429, "slow down"), EmbedError::Transient(_)));
+    }
+
+    #[test]
+    fn openai_bad_requests_are_permanent() {
+        let e = embedder(Provider::OpenAi);
+        assert!(matches!(e.classify(400, "bad input"), EmbedError::Permanent(_)));
+        assert!(matches!(e.classify(401, "no key"), EmbedError::Permanent(_)));
+        assert!(matches!(e.classify(413, "batch too large"), EmbedError::TooLong(_)));
+        assert!(matches!(
+            e.classify(422, "Input validation error: `inputs` must have less than 512 tokens"),
+            EmbedError::TooLong(_)
+        ));
+    }
+
+    #[test]
+    fn error_bodies_of_both_shapes_are_read() {
+        assert_eq!(error_message(r#"{"error":"server busy"}"#), "server busy");
+        assert_eq!(
+            error_message(r#"{"error":{"message":"bad key","type":"x"}}"#),
+            "bad key"
+        );
+        assert_eq!(error_message("plain"), "plain");
+    }
+}

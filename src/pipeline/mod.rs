@@ -1,0 +1,571 @@
+//! The document pipeline: an `ingest` job's file becomes chunks in ChromaDB;
+//! a `delete` job removes a document's chunks.
+//!
+//! One ingest runs: resolve and read the file (within the upload root and
+//! the size limit), skip the work if the same file was already indexed with
+//! the same settings, parse and chunk off the async runtime, then embed and
+//! store batch by batch (the next batch is embedded while the last one is
+//! written), and finally delete the document's chunks of earlier runs. New
+//! chunks are written before old ones are deleted, and chunk ids are
+//! `{document_id}-{index}`, so a retry, a duplicate delivery or a re-upload
+//! overwrites in place and never leaves the document missing or doubled.
+
+pub mod chroma;
+pub mod chunk;
+pub mod embed;
+pub mod parse;
+pub mod source;
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::Result;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::config::{FileSettings, Settings};
+use crate::job::{JobError, JobSpec};
+use crate::progress::JobContext;
+use chroma::{ChromaStore, Collection, Record};
+use chunk::{Chunk, Chunker, Sizer};
+use embed::{EmbedError, Embedder};
+use source::Disposal;
+
+/// Bumped when parsing or chunking changes what a file turns into, so that
+/// files indexed by an older version are not skipped as unchanged.
+const PIPELINE_VERSION: u32 = 1;
+
+/// How many times one chunk may be split again after the model refused it
+/// as too long (each split at least halves it).
+const MAX_SPLIT_DEPTH: u32 = 8;
+
+/// Metadata keys docworker writes on every chunk; a job's own metadata may
+/// not use them.
+const RESERVED_KEYS: &[&str] = &[
+    "document_id",
+    "doc_id",
+    "ref_doc_id",
+    "file_name",
+    "file_type",
+    "file_hash",
+    "file_size_bytes",
+    "chunk_index",
+    "chunk_count",
+    "page",
+    "start_byte",
+    "end_byte",
+    "generation",
+    "pipeline",
+    "embedding_model",
+    "indexed_at",
+];
+
+pub struct Pipeline {
+    files: FileSettings,
+    limits: parse::Limits,
+    chunker: Chunker,
+    embed_batch_size: usize,
+    embed_batch_bytes: usize,
+    embedder: Embedder,
+    store: ChromaStore,
+    /// Identifies the settings that decide what a file turns into.
+    settings_fingerprint: String,
+}
+
+impl Pipeline {
+    pub fn new(settings: &Settings) -> Result<Pipeline> {
+        let sizer = Sizer::load(&settings.chunk.tokenizer)?;
+        let embedder = Embedder::new(&settings.embed)?;
+        let settings_fingerprint = format!(
+            "v{PIPELINE_VERSION};{};{};{}/{}",
+            embedder.describe(),
+            sizer.describe(),
+            settings.chunk.size,
+            settings.chunk.overlap
+        );
+        Ok(Pipeline {
+            files: settings.files.clone(),
+            limits: parse::Limits {
+                max_unpacked_bytes: settings.files.max_unpacked_mb * 1_000_000,
+                max_text_bytes: settings.files.max_text_mb * 1_000_000,
+            },
+            chunker: Chunker {
+                sizer,
+                size: settings.chunk.size,
+                overlap: settings.chunk.overlap,
+            },
+            embed_batch_size: settings.embed.batch_size,
+            embed_batch_bytes: settings.embed.batch_bytes,
+            embedder,
+            store: ChromaStore::new(&settings.chroma)?,
+            settings_fingerprint,
+        })
+    }
+
+    /// Checks the model and the collection at start, so that a wrong
+    /// setting shows in the log at once rather than in the first job's row.
+    /// Only logs: the services may simply not be up yet.
+    pub async fn check(&self) {
+        match self.embedder.model().await {
+            Ok(info) => {
+                tracing::info!(model = self.embedder.model_name(), dimension = info.dimension, context_length = ?info.context_length, "embedding model ready");
+                match self
+                    .store
+                    .collection(self.embedder.model_name(), info.dimension)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e.message, "vector store not ready"),
+                }
+            }
+            Err(EmbedError::Permanent(e)) => tracing::error!(error = %e, "embedding model unusable"),
+            Err(EmbedError::Transient(e) | EmbedError::TooLong(e)) => {
+                tracing::warn!(error = %e, "embedding server not ready")
+            }
+        }
+    }
+
+    pub async fn ingest(&self, job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
+        ctx.set_stage("parsing").await?;
+        let file_path = job.file_path.as_deref().unwrap_or_default();
+        let user_metadata = user_metadata(&job.options)?;
+        let path = source::resolve(&self.files, file_path)?;
+        let max_bytes = self.files.max_file_mb * 1_000_000;
+        let file = blocking("reading the file", self.files.parse_timeout, move || {
+            source::read(&path, max_bytes)
+        })
+        .await?;
+
+        let model = self.embedder.model().await.map_err(embed_error)?;
+        let collection = self
+            .store
+            .collection(self.embedder.model_name(), model.dimension)
+            .await?;
+        let document_id = job.document_id.to_string();
+        let fingerprint = self.fingerprint(job, &user_metadata);
+        if let Some(n) = self
+            .already_indexed(&collection, &document_id, &file.sha256, &fingerprint)
+            .await?
+        {
+            ctx.set_progress(n as i32, n as i32).await?;
+            ctx.set_result(json!({
+                "chunks": n, "unchanged": true, "file_hash": file.sha256,
+                "note": "same file and settings as already indexed; not embedded again",
+            }))
+            .await?;
+            ctx.dispose_after_success(Disposal::for_settings(&self.files, &file.path));
+            return Ok(());
+        }
+
+        let file_size = file.bytes.len();
+        let bytes = file.bytes;
+        let filename = job.filename.clone();
+        let limits = self.limits;
+        let parsed = blocking("parsing", self.files.parse_timeout, move || {
+            parse::parse(&bytes, &filename, &limits).map_err(|e| JobError::permanent(e.message))
+        })
+        .await?;
+
+        ctx.set_stage("chunking").await?;
+        let chunker = self.chunker.clone();
+        let limit = model.context_length.unwrap_or(usize::MAX);
+        let (parsed, chunks) = blocking("chunking", self.files.parse_timeout, move || {
+            let chunks = chunker.chunk(&parsed, limit);
+            Ok((parsed, chunks))
+        })
+        .await?;
+        if chunks.is_empty() {
+            return Err(JobError::permanent(
+                "No text was found in this file to index.",
+            ));
+        }
+
+        let meta = ChunkMeta {
+            document_id: document_id.clone(),
+            file_name: job.filename.clone(),
+            file_type: parsed.format.as_str(),
+            file_hash: file.sha256.clone(),
+            file_size,
+            generation: format!("{}/{}", job.key.id, job.key.attempt),
+            fingerprint,
+            model: self.embedder.model_name().to_string(),
+            indexed_at: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            user: user_metadata,
+        };
+        drop(parsed);
+        let stored = self
+            .embed_and_store(ctx, &collection, chunks, limit, &meta)
+            .await?;
+
+        ctx.set_stage("storing").await?;
+        let stale = json!({"$and": [
+            {"document_id": document_id},
+            {"generation": {"$ne": meta.generation}},
+        ]});
+        let removed = self.store.delete(&collection, &stale).await?;
+        ctx.set_progress(stored as i32, stored as i32).await?;
+        ctx.set_result(json!({
+            "chunks": stored, "unchanged": false, "file_hash": meta.file_hash,
+            "file_type": meta.file_type, "stale_chunks_removed": removed,
+            "generation": meta.generation,
+        }))
+        .await?;
+        ctx.dispose_after_success(Disposal::for_settings(&self.files, &file.path));
+        Ok(())
+    }
+
+    pub async fn delete(&self, job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
+        ctx.set_stage("deleting").await?;
+        let model = self.embedder.model().await.map_err(embed_error)?;
+        let collection = self
+            .store
+            .collection(self.embedder.model_name(), model.dimension)
+            .await?;
+        let removed = self
+            .store
+            .delete(
+                &collection,
+                &json!({"document_id": job.document_id.to_string()}),
+            )
+            .await?;
+        ctx.set_result(json!({ "chunks_removed": removed })).await?;
+        Ok(())
+    }
+
+    /// The settings fingerprint plus what the job itself adds to each chunk.
+    fn fingerprint(&self, job: &JobSpec, user: &Map<String, Value>) -> String {
+        let mut h = Sha256::new();
+        h.update(self.settings_fingerprint.as_bytes());
+        h.update([0]);
+        h.update(job.filename.as_bytes());
+        h.update([0]);
+        h.update(Value::Object(user.clone()).to_string().as_bytes());
+        hex::encode(&h.finalize()[..8])
+    }
+
+    /// `Some(count)` when the document's chunks in the store are one whole
+    /// run over this very file with these very settings. A run is whole
+    /// when its indices are 0..n and its last chunk knew it was the last
+    /// (`chunk_count` is the total as known when each chunk was written).
+    async fn already_indexed(
+        &self,
+        c: &Collection,
+        document_id: &str,
+        sha256: &str,
+        fingerprint: &str,
+    ) -> Result<Option<usize>, JobError> {
+        let records = self
+            .store
+            .get(c, &json!({"document_id": document_id}))
+            .await?;
+        let n = records.len();
+        let Some((_, first)) = records.first() else {
+            return Ok(None);
+        };
+        let generation = first.get("generation");
+        let mut seen = vec![false; n];
+        let mut last_count = None;
+        for (_, m) in &records {
+            let same = m.get("generation") == generation
+                && m.get("file_hash").and_then(Value::as_str) == Some(sha256)
+                && m.get("pipeline").and_then(Value::as_str) == Some(fingerprint);
+            let index = m.get("chunk_index").and_then(Value::as_u64).map(|i| i as usize);
+            match index {
+                Some(i) if same && i < n && !seen[i] => seen[i] = true,
+                _ => return Ok(None),
+            }
+            if index == Some(n - 1) {
+                last_count = m.get("chunk_count").and_then(Value::as_u64);
+            }
+        }
+        Ok((last_count == Some(n as u64)).then_some(n))
+    }
+
+    /// Embeds and stores every chunk, the two overlapping: while one batch
+    /// is written to Chroma the next is embedded, so the embedder is never
+    /// kept waiting on the store. Returns the number of chunks stored,
+    /// which grows past `chunks.len()` when the model refused a chunk as
+    /// too long and it was split again.
+    async fn embed_and_store(
+        &self,
+        ctx: &JobContext,
+        collection: &Collection,
+        chunks: Vec<Chunk>,
+        limit: usize,
+        meta: &ChunkMeta,
+    ) -> Result<usize, JobError> {
+        ctx.set_stage("embedding").await?;
+        let total = AtomicUsize::new(chunks.len());
+        ctx.set_progress(0, chunks.len() as i32).await?;
+        let batches = batches(chunks, self.embed_batch_size, self.embed_batch_bytes);
+        let (tx, mut rx) = mpsc::channel::<Vec<(Chunk, Vec<f32>)>>(1);
+        let embedding = async {
+            for batch in batches {
+                let embedded = self.embed_batch(batch, limit, &total).await?;
+                if tx.send(embedded).await.is_err() {
+                    break;
+                }
+            }
+            drop(tx);
+            Ok::<(), JobError>(())
+        };
+        let storing = async {
+            let mut stored = 0usize;
+            while let Some(embedded) = rx.recv().await {
+                let known_total = total.load(Ordering::SeqCst);
+                let records: Vec<Record> = embedded
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, (chunk, embedding))| meta.record(stored + k, known_total, chunk, embedding))
+                    .collect();
+                self.store.upsert(collection, &records).await?;
+                stored += records.len();
+                ctx.set_progress(stored as i32, total.load(Ordering::SeqCst) as i32)
+                    .await?;
+            }
+            Ok::<usize, JobError>(stored)
+        };
+        let ((), stored) = tokio::try_join!(embedding, storing)?;
+        Ok(stored)
+    }
+
+    /// Embeds one batch. If the model refuses it as too long, each chunk is
+    /// embedded alone, and a chunk refused alone is split and its parts
+    /// embedded in its place.
+    async fn embed_batch(
+        &self,
+        batch: Vec<Chunk>,
+        limit: usize,
+        total: &AtomicUsize,
+    ) -> Result<Vec<(Chunk, Vec<f32>)>, JobError> {
+        let texts: Vec<&str> = batch.iter().map(|c| c.text.as_str()).collect();
+        match self.embedder.embed(&texts).await {
+            Ok(vectors) => Ok(batch.into_iter().zip(vectors).collect()),
+            Err(EmbedError::TooLong(_)) => {
+                let mut out = Vec::with_capacity(batch.len());
+                for chunk in batch {
+                    out.extend(self.embed_alone(chunk, limit, total, 0).await?);
+                }
+                Ok(out)
+            }
+            Err(e) => Err(embed_error(e)),
+        }
+    }
+
+    fn embed_alone<'a>(
+        &'a self,
+        chunk: Chunk,
+        limit: usize,
+        total: &'a AtomicUsize,
+        depth: u32,
+    ) -> futures_util::future::BoxFuture<'a, Result<Vec<(Chunk, Vec<f32>)>, JobError>> {
+        Box::pin(async move {
+            match self.embedder.embed(&[chunk.text.as_str()]).await {
+                Ok(mut v) => Ok(vec![(chunk, v.remove(0))]),
+                Err(EmbedError::TooLong(msg)) if depth < MAX_SPLIT_DEPTH => {
+                    let parts = self.chunker.split_again(&chunk, limit);
+                    tracing::debug!(start = chunk.start, parts = parts.len(), reason = %msg, "chunk too long for the model; split again");
+                    total.fetch_add(parts.len() - 1, Ordering::SeqCst);
+                    let mut out = Vec::with_capacity(parts.len());
+                    for part in parts {
+                        out.extend(self.embed_alone(part, limit, total, depth + 1).await?);
+                    }
+                    Ok(out)
+                }
+                Err(EmbedError::TooLong(msg)) => Err(JobError::permanent(format!(
+                    "The embedding model refused a piece of this file as too long even after splitting it {MAX_SPLIT_DEPTH} times ({msg})."
+                ))),
+                Err(e) => Err(embed_error(e)),
+            }
+        })
+    }
+}
+
+/// What every chunk of one run carries.
+struct ChunkMeta {
+    document_id: String,
+    file_name: String,
+    file_type: &'static str,
+    file_hash: String,
+    file_size: usize,
+    generation: String,
+    fingerprint: String,
+    model: String,
+    indexed_at: String,
+    user: Map<String, Value>,
+}
+
+impl ChunkMeta {
+    fn record(&self, index: usize, total: usize, chunk: Chunk, embedding: Vec<f32>) -> Record {
+        let mut m = self.user.clone();
+        for key in ["document_id", "doc_id", "ref_doc_id"] {
+            m.insert(key.into(), json!(self.document_id));
+        }
+        m.insert("file_name".into(), json!(self.file_name));
+        m.insert("file_type".into(), json!(self.file_type));
+        m.insert("file_hash".into(), json!(self.file_hash));
+        m.insert("file_size_bytes".into(), json!(self.file_size));
+        m.insert("chunk_index".into(), json!(index));
+        m.insert("chunk_count".into(), json!(total));
+        if let Some(page) = chunk.page {
+            m.insert("page".into(), json!(page));
+        }
+        m.insert("start_byte".into(), json!(chunk.start));
+        m.insert("end_byte".into(), json!(chunk.end));
+        m.insert("generation".into(), json!(self.generation));
+        m.insert("pipeline".into(), json!(self.fingerprint));
+        m.insert("embedding_model".into(), json!(self.model));
+        m.insert("indexed_at".into(), json!(self.indexed_at));
+        Record {
+            id: format!("{}-{index}", self.document_id),
+            embedding,
+            document: chunk.text,
+            metadata: m,
+        }
+    }
+}
+
+/// Groups chunks into embedding requests bounded by count and total bytes.
+fn batches(chunks: Vec<Chunk>, max_count: usize, max_bytes: usize) -> Vec<Vec<Chunk>> {
+    let mut out = Vec::new();
+    let mut current: Vec<Chunk> = Vec::new();
+    let mut bytes = 0;
+    for c in chunks {
+        if !current.is_empty() && (current.len() >= max_count || bytes + c.text.len() > max_bytes) {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += c.text.len();
+        current.push(c);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// The job's own chunk metadata: `options.metadata`, flat scalars only
+/// (Chroma refuses nested values), under keys docworker does not use.
+fn user_metadata(options: &Map<String, Value>) -> Result<Map<String, Value>, JobError> {
+    let Some(given) = options.get("metadata") else {
+        return Ok(Map::new());
+    };
+    let Value::Object(given) = given else {
+        return Err(JobError::permanent(
+            "options.metadata must be a JSON object of flat values, e.g. {\"project\": \"x\"}.",
+        ));
+    };
+    let mut out = Map::new();
+    for (key, value) in given {
+        if RESERVED_KEYS.contains(&key.as_str())
+            || key.is_empty()
+            || key.starts_with('#')
+            || key.starts_with('$')
+            || key.starts_with("chroma:")
+        {
+            return Err(JobError::permanent(format!(
+                "options.metadata key {key:?} is reserved (docworker or ChromaDB uses it): rename it."
+            )));
+        }
+        match value {
+            Value::Null => {}
+            Value::Bool(_) | Value::Number(_) | Value::String(_) => {
+                out.insert(key.clone(), value.clone());
+            }
+            _ => {
+                return Err(JobError::permanent(format!(
+                    "options.metadata.{key} is not a string, number or boolean: ChromaDB metadata must be flat. Flatten it, e.g. \"{key}_name\": \"...\"."
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn embed_error(e: EmbedError) -> JobError {
+    match e {
+        EmbedError::Transient(m) => JobError::transient(m),
+        EmbedError::Permanent(m) | EmbedError::TooLong(m) => JobError::permanent(m),
+    }
+}
+
+/// Runs CPU-bound or blocking work off the async runtime, with a time limit
+/// and with a panic turned into this job's failure. A timed-out thread
+/// cannot be killed; it is abandoned and its result dropped.
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    limit: std::time::Duration,
+    work: impl FnOnce() -> Result<T, JobError> + Send + 'static,
+) -> Result<T, JobError> {
+    let task = tokio::task::spawn_blocking(move || std::panic::catch_unwind(AssertUnwindSafe(work)));
+    match tokio::time::timeout(limit, task).await {
+        Err(_) => Err(JobError::permanent(format!(
+            "{} took longer than files.parse_timeout ({}); the file is too large or too complex.",
+            capitalise(what),
+            humantime::format_duration(limit)
+        ))),
+        Ok(Err(join)) => Err(JobError::transient(format!("{what} was interrupted: {join}"))),
+        Ok(Ok(Err(panic))) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown cause".into());
+            tracing::warn!(stage = what, panic = %why, "parser panicked");
+            Err(JobError::permanent(format!(
+                "This file could not be read: the parser failed while {what} ({why}). The file is probably damaged or in an unusual variant of its format."
+            )))
+        }
+        Ok(Ok(Ok(result))) => result,
+    }
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(text: &str) -> Chunk {
+        Chunk {
+            text: text.into(),
+            start: 0,
+            end: text.len(),
+            page: None,
+        }
+    }
+
+    #[test]
+    fn batches_are_bounded_by_count_and_bytes() {
+        let chunks: Vec<Chunk> = (0..10).map(|_| chunk("0123456789")).collect();
+        let b = batches(chunks.clone(), 4, 1000);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
+        let b = batches(chunks, 100, 25);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 2, 2, 2]);
+        let b = batches(vec![chunk(&"x".repeat(100))], 4, 10);
+        assert_eq!(b.len(), 1, "an oversized chunk still goes, alone");
+    }
+
+    #[test]
+    fn user_metadata_must_be_flat_and_unreserved() {
+        let ok = json!({"metadata": {"project": "x", "year": 2024, "draft": false, "gone": null}});
+        let m = user_metadata(ok.as_object().unwrap()).unwrap();
+        assert_eq!(m.len(), 3);
+        for bad in [
+            json!({"metadata": {"nested": {"a": 1}}}),
+            json!({"metadata": {"list": [1, 2]}}),
+            json!({"metadata": {"document_id": "x"}}),
+            json!({"metadata": {"$and": 1}}),
+            json!({"metadata": "x"}),
+        ] {
+            let e = user_metadata(bad.as_object().unwrap()).unwrap_err();
+            assert_eq!(e.kind, crate::job::ErrorKind::Permanent, "{bad}");
+        }
+    }
+}

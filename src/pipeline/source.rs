@@ -1,0 +1,136 @@
+//! Uploaded files: where a job's file may be read from, reading it within
+//! the size limit, and what becomes of it once the job has completed.
+//!
+//! The upload root is a trust boundary: `file_path` comes from a table row,
+//! so a path that resolves outside the root (by `..` or by a symlink that
+//! points out) is refused rather than read.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{AfterSuccess, FileSettings};
+use crate::job::JobError;
+
+/// A file read into memory, with its content hash.
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub bytes: Vec<u8>,
+    /// Lower-case hex SHA-256 of `bytes`.
+    pub sha256: String,
+}
+
+/// Finds `file_path` under the upload root, following symlinks, and refuses
+/// it if the real location is outside the root.
+pub fn resolve(settings: &FileSettings, file_path: &str) -> Result<PathBuf, JobError> {
+    let root = settings.upload_root.canonicalize().map_err(|e| {
+        JobError::transient(format!(
+            "The upload directory {} (files.upload_root) is not available: {e}.",
+            settings.upload_root.display()
+        ))
+    })?;
+    let given = Path::new(file_path);
+    let joined = if given.is_absolute() {
+        given.to_path_buf()
+    } else {
+        root.join(given)
+    };
+    let real = match joined.canonicalize() {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(JobError::permanent(format!(
+                "The uploaded file {file_path:?} does not exist (looked in {}). Upload it again.",
+                settings.upload_root.display()
+            )))
+        }
+        Err(e) => {
+            return Err(JobError::permanent(format!(
+                "The uploaded file {file_path:?} cannot be opened: {e}."
+            )))
+        }
+    };
+    if !real.starts_with(&root) {
+        return Err(JobError::permanent(format!(
+            "Refused file_path {file_path:?}: it resolves outside the upload directory {} (files.upload_root).",
+            settings.upload_root.display()
+        )));
+    }
+    if !real.is_file() {
+        return Err(JobError::permanent(format!(
+            "file_path {file_path:?} is not a regular file."
+        )));
+    }
+    Ok(real)
+}
+
+/// Reads the whole file, refusing it before reading if it is over the limit.
+/// Blocking: call it off the async runtime.
+pub fn read(path: &Path, max_bytes: u64) -> Result<SourceFile, JobError> {
+    let cannot = |e: std::io::Error| {
+        JobError::transient(format!("Reading {} failed: {e}.", path.display()))
+    };
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let size = file.metadata().map_err(cannot)?.len();
+    if size > max_bytes {
+        return Err(too_big(size, max_bytes));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    // `take` guards against a file that grows while it is read.
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(too_big(bytes.len() as u64, max_bytes));
+    }
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    Ok(SourceFile {
+        path: path.to_path_buf(),
+        bytes,
+        sha256,
+    })
+}
+
+fn too_big(size: u64, max: u64) -> JobError {
+    JobError::permanent(format!(
+        "The file is {:.1} MB, over the {} MB limit (files.max_file_mb).",
+        size as f64 / 1e6,
+        max / 1_000_000
+    ))
+}
+
+/// What to do with a job's file once its completion is recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposal {
+    Delete(PathBuf),
+    Move { from: PathBuf, to_dir: PathBuf },
+}
+
+impl Disposal {
+    pub fn for_settings(settings: &FileSettings, path: &Path) -> Option<Disposal> {
+        match settings.after_success {
+            AfterSuccess::Keep => None,
+            AfterSuccess::Delete => Some(Disposal::Delete(path.to_path_buf())),
+            AfterSuccess::Move => Some(Disposal::Move {
+                from: path.to_path_buf(),
+                to_dir: settings.move_to.clone(),
+            }),
+        }
+    }
+
+    /// Carries it out. Blocking. A failure is logged, not raised: the job
+    /// has completed, and the file is only left where it was.
+    pub fn apply(&self) {
+        let result = match self {
+            Disposal::Delete(path) => std::fs::remove_file(path),
+            Disposal::Move { from, to_dir } => {
+                let name = from.file_name().unwrap_or_default();
+                std::fs::create_dir_all(to_dir).and_then(|_| std::fs::rename(from, to_dir.join(name)))
+            }
+        };
+        match result {
+            Ok(()) => tracing::debug!(disposal = ?self, "uploaded file disposed of"),
+            Err(e) => tracing::warn!(disposal = ?self, error = %e, "could not dispose of the uploaded file"),
+        }
+    }
+}

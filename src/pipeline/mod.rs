@@ -14,6 +14,7 @@ pub mod chroma;
 pub mod chunk;
 pub mod embed;
 pub mod parse;
+pub mod samples;
 pub mod source;
 
 use std::panic::AssertUnwindSafe;

@@ -1,10 +1,14 @@
 //! Integration tests against a real PostgreSQL and real `worker` processes.
 //! One binary, so the throwaway cluster is started once per run.
 
+mod fixtures;
 mod harness;
+mod services;
+mod stack;
 
 mod chaos;
 mod cli;
+mod pipeline;
 mod schema;
 mod semantics;
 mod smoke;

@@ -1,0 +1,3 @@
+//! Sample documents for the tests: see `docworker::pipeline::samples`.
+
+pub use docworker::pipeline::samples::*;

@@ -179,6 +179,22 @@ impl ChromaStore {
             .collect())
     }
 
+    /// Deletes the records with these ids, in requests of at most the
+    /// collection's batch size.
+    pub async fn delete_ids(&self, c: &Collection, ids: &[String]) -> Result<u64, JobError> {
+        let mut deleted = 0;
+        for part in ids.chunks(c.batch_size) {
+            let answer = self
+                .record_call(c, "delete", &json!({ "ids": part }))
+                .await?;
+            deleted += answer
+                .get("deleted")
+                .and_then(Value::as_u64)
+                .unwrap_or(part.len() as u64);
+        }
+        Ok(deleted)
+    }
+
     /// Deletes every record matching `filter`; deleting nothing succeeds.
     pub async fn delete(&self, c: &Collection, filter: &Value) -> Result<u64, JobError> {
         let answer = self

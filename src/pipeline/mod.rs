@@ -200,11 +200,18 @@ impl Pipeline {
             .await?;
 
         ctx.set_stage("storing").await?;
-        let stale = json!({"$and": [
-            {"document_id": document_id},
-            {"generation": {"$ne": meta.generation}},
-        ]});
-        let removed = self.store.delete(&collection, &stale).await?;
+        // Stale records are picked here rather than with a `$ne` filter:
+        // Chroma's filters skip records that lack the key, and chunks
+        // written by other tools (the app's old worker) have no generation.
+        let stale: Vec<String> = self
+            .store
+            .get(&collection, &json!({"document_id": document_id}))
+            .await?
+            .into_iter()
+            .filter(|(_, m)| m.get("generation").and_then(Value::as_str) != Some(&meta.generation))
+            .map(|(id, _)| id)
+            .collect();
+        let removed = self.store.delete_ids(&collection, &stale).await?;
         ctx.set_progress(stored as i32, stored as i32).await?;
         ctx.set_result(json!({
             "chunks": stored, "unchanged": false, "file_hash": meta.file_hash,

@@ -127,7 +127,12 @@ impl ChromaStore {
 
     /// A collection made for another model would mix vectors from two
     /// spaces, and every query against it would quietly return nonsense.
-    fn check_collection(&self, found: &Value, model: &str, dimension: usize) -> Result<(), JobError> {
+    fn check_collection(
+        &self,
+        found: &Value,
+        model: &str,
+        dimension: usize,
+    ) -> Result<(), JobError> {
         let name = &self.settings.collection;
         let meta = found.get("metadata").cloned().unwrap_or(Value::Null);
         let stored_model = meta.get(MODEL_KEY).and_then(Value::as_str);
@@ -163,10 +168,18 @@ impl ChromaStore {
     }
 
     /// The ids and metadata of every record matching `filter`.
-    pub async fn get(&self, c: &Collection, filter: &Value) -> Result<Vec<(String, Value)>, JobError> {
+    pub async fn get(
+        &self,
+        c: &Collection,
+        filter: &Value,
+    ) -> Result<Vec<(String, Value)>, JobError> {
         let body = json!({ "where": filter, "include": ["metadatas"] });
         let answer = self.record_call(c, "get", &body).await?;
-        let ids = answer.get("ids").and_then(Value::as_array).cloned().unwrap_or_default();
+        let ids = answer
+            .get("ids")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let metas = answer
             .get("metadatas")
             .and_then(Value::as_array)
@@ -233,7 +246,11 @@ impl ChromaStore {
             Ok(_) => Ok(()),
             Err(e) if e.message.contains("HTTP 404") => {
                 match self
-                    .call(reqwest::Method::POST, create_path, Some(&json!({ "name": name })))
+                    .call(
+                        reqwest::Method::POST,
+                        create_path,
+                        Some(&json!({ "name": name })),
+                    )
                     .await
                 {
                     Err(e) if !e.message.contains("HTTP 409") => Err(e),
@@ -257,7 +274,10 @@ impl ChromaStore {
         }
         let unreachable = |e: reqwest::Error| {
             let what = if e.is_timeout() {
-                format!("did not answer within chroma.timeout ({:?})", self.settings.timeout)
+                format!(
+                    "did not answer within chroma.timeout ({:?})",
+                    self.settings.timeout
+                )
             } else {
                 "could not be reached".into()
             };

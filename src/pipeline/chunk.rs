@@ -178,7 +178,11 @@ mod tests {
         assert!(chunks.len() > 5);
         for c in &chunks {
             assert_eq!(&text[c.start..c.end], c.text);
-            assert!(c.text.chars().count() <= 50 * CHARS_PER_TOKEN, "{}", c.text.len());
+            assert!(
+                c.text.chars().count() <= 50 * CHARS_PER_TOKEN,
+                "{}",
+                c.text.len()
+            );
         }
     }
 
@@ -187,7 +191,12 @@ mod tests {
         let text = "word ".repeat(2000);
         let big = chunker(500, 50).chunk(&parsed(Format::Text, &text), 10_000);
         let small = chunker(500, 50).chunk(&parsed(Format::Text, &text), 100);
-        assert!(small.len() > big.len() * 3, "{} vs {}", small.len(), big.len());
+        assert!(
+            small.len() > big.len() * 3,
+            "{} vs {}",
+            small.len(),
+            big.len()
+        );
     }
 
     #[test]

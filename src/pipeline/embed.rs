@@ -253,7 +253,10 @@ impl Embedder {
 
     fn unreachable(&self, e: reqwest::Error) -> EmbedError {
         let what = if e.is_timeout() {
-            format!("did not answer within embed.timeout ({:?})", self.settings.timeout)
+            format!(
+                "did not answer within embed.timeout ({:?})",
+                self.settings.timeout
+            )
         } else if e.is_connect() {
             "could not be reached".to_string()
         } else {
@@ -362,18 +365,36 @@ mod tests {
             e.classify(404, "model \"x\" not found, try pulling it first"),
             EmbedError::Permanent(_)
         ));
-        assert!(matches!(e.classify(503, "server busy"), EmbedError::Transient(_)));
-        assert!(matches!(e.classify(429, "slow down"), EmbedError::Transient(_)));
+        assert!(matches!(
+            e.classify(503, "server busy"),
+            EmbedError::Transient(_)
+        ));
+        assert!(matches!(
+            e.classify(429, "slow down"),
+            EmbedError::Transient(_)
+        ));
     }
 
     #[test]
     fn openai_bad_requests_are_permanent() {
         let e = embedder(Provider::OpenAi);
-        assert!(matches!(e.classify(400, "bad input"), EmbedError::Permanent(_)));
-        assert!(matches!(e.classify(401, "no key"), EmbedError::Permanent(_)));
-        assert!(matches!(e.classify(413, "batch too large"), EmbedError::TooLong(_)));
         assert!(matches!(
-            e.classify(422, "Input validation error: `inputs` must have less than 512 tokens"),
+            e.classify(400, "bad input"),
+            EmbedError::Permanent(_)
+        ));
+        assert!(matches!(
+            e.classify(401, "no key"),
+            EmbedError::Permanent(_)
+        ));
+        assert!(matches!(
+            e.classify(413, "batch too large"),
+            EmbedError::TooLong(_)
+        ));
+        assert!(matches!(
+            e.classify(
+                422,
+                "Input validation error: `inputs` must have less than 512 tokens"
+            ),
             EmbedError::TooLong(_)
         ));
     }

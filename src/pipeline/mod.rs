@@ -120,7 +120,9 @@ impl Pipeline {
                     Err(e) => tracing::warn!(error = %e.message, "vector store not ready"),
                 }
             }
-            Err(EmbedError::Permanent(e)) => tracing::error!(error = %e, "embedding model unusable"),
+            Err(EmbedError::Permanent(e)) => {
+                tracing::error!(error = %e, "embedding model unusable")
+            }
             Err(EmbedError::Transient(e) | EmbedError::TooLong(e)) => {
                 tracing::warn!(error = %e, "embedding server not ready")
             }
@@ -278,7 +280,10 @@ impl Pipeline {
             let same = m.get("generation") == generation
                 && m.get("file_hash").and_then(Value::as_str) == Some(sha256)
                 && m.get("pipeline").and_then(Value::as_str) == Some(fingerprint);
-            let index = m.get("chunk_index").and_then(Value::as_u64).map(|i| i as usize);
+            let index = m
+                .get("chunk_index")
+                .and_then(Value::as_u64)
+                .map(|i| i as usize);
             match index {
                 Some(i) if same && i < n && !seen[i] => seen[i] = true,
                 _ => return Ok(None),
@@ -307,7 +312,7 @@ impl Pipeline {
         let total = AtomicUsize::new(chunks.len());
         ctx.set_progress(0, chunks.len() as i32).await?;
         let batches = batches(chunks, self.embed_batch_size, self.embed_batch_bytes);
-        let (tx, mut rx) = mpsc::channel::<Vec<(Chunk, Vec<f32>)>>(1);
+        let (tx, mut rx) = mpsc::channel::<Vec<Embedded>>(1);
         let embedding = async {
             for batch in batches {
                 let embedded = self.embed_batch(batch, limit, &total).await?;
@@ -325,7 +330,9 @@ impl Pipeline {
                 let records: Vec<Record> = embedded
                     .into_iter()
                     .enumerate()
-                    .map(|(k, (chunk, embedding))| meta.record(stored + k, known_total, chunk, embedding))
+                    .map(|(k, (chunk, embedding))| {
+                        meta.record(stored + k, known_total, chunk, embedding)
+                    })
                     .collect();
                 self.store.upsert(collection, &records).await?;
                 stored += records.len();
@@ -346,7 +353,7 @@ impl Pipeline {
         batch: Vec<Chunk>,
         limit: usize,
         total: &AtomicUsize,
-    ) -> Result<Vec<(Chunk, Vec<f32>)>, JobError> {
+    ) -> Result<Vec<Embedded>, JobError> {
         let texts: Vec<&str> = batch.iter().map(|c| c.text.as_str()).collect();
         match self.embedder.embed(&texts).await {
             Ok(vectors) => Ok(batch.into_iter().zip(vectors).collect()),
@@ -367,7 +374,7 @@ impl Pipeline {
         limit: usize,
         total: &'a AtomicUsize,
         depth: u32,
-    ) -> futures_util::future::BoxFuture<'a, Result<Vec<(Chunk, Vec<f32>)>, JobError>> {
+    ) -> futures_util::future::BoxFuture<'a, Result<Vec<Embedded>, JobError>> {
         Box::pin(async move {
             match self.embedder.embed(&[chunk.text.as_str()]).await {
                 Ok(mut v) => Ok(vec![(chunk, v.remove(0))]),
@@ -389,6 +396,9 @@ impl Pipeline {
         })
     }
 }
+
+/// A chunk and its vector.
+type Embedded = (Chunk, Vec<f32>);
 
 /// What every chunk of one run carries.
 struct ChunkMeta {
@@ -506,14 +516,17 @@ async fn blocking<T: Send + 'static>(
     limit: std::time::Duration,
     work: impl FnOnce() -> Result<T, JobError> + Send + 'static,
 ) -> Result<T, JobError> {
-    let task = tokio::task::spawn_blocking(move || std::panic::catch_unwind(AssertUnwindSafe(work)));
+    let task =
+        tokio::task::spawn_blocking(move || std::panic::catch_unwind(AssertUnwindSafe(work)));
     match tokio::time::timeout(limit, task).await {
         Err(_) => Err(JobError::permanent(format!(
             "{} took longer than files.parse_timeout ({}); the file is too large or too complex.",
             capitalise(what),
             humantime::format_duration(limit)
         ))),
-        Ok(Err(join)) => Err(JobError::transient(format!("{what} was interrupted: {join}"))),
+        Ok(Err(join)) => Err(JobError::transient(format!(
+            "{what} was interrupted: {join}"
+        ))),
         Ok(Ok(Err(panic))) => {
             let why = panic
                 .downcast_ref::<&str>()

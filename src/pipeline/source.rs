@@ -67,9 +67,8 @@ pub fn resolve(settings: &FileSettings, file_path: &str) -> Result<PathBuf, JobE
 /// Reads the whole file, refusing it before reading if it is over the limit.
 /// Blocking: call it off the async runtime.
 pub fn read(path: &Path, max_bytes: u64) -> Result<SourceFile, JobError> {
-    let cannot = |e: std::io::Error| {
-        JobError::transient(format!("Reading {} failed: {e}.", path.display()))
-    };
+    let cannot =
+        |e: std::io::Error| JobError::transient(format!("Reading {} failed: {e}.", path.display()));
     let file = std::fs::File::open(path).map_err(cannot)?;
     let size = file.metadata().map_err(cannot)?.len();
     if size > max_bytes {
@@ -125,12 +124,15 @@ impl Disposal {
             Disposal::Delete(path) => std::fs::remove_file(path),
             Disposal::Move { from, to_dir } => {
                 let name = from.file_name().unwrap_or_default();
-                std::fs::create_dir_all(to_dir).and_then(|_| std::fs::rename(from, to_dir.join(name)))
+                std::fs::create_dir_all(to_dir)
+                    .and_then(|_| std::fs::rename(from, to_dir.join(name)))
             }
         };
         match result {
             Ok(()) => tracing::debug!(disposal = ?self, "uploaded file disposed of"),
-            Err(e) => tracing::warn!(disposal = ?self, error = %e, "could not dispose of the uploaded file"),
+            Err(e) => {
+                tracing::warn!(disposal = ?self, error = %e, "could not dispose of the uploaded file")
+            }
         }
     }
 }

@@ -20,8 +20,8 @@ use deadpool_postgres::Pool;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use crate::pipeline::source::Disposal;
 use crate::job::{Attempt, ClaimedJob, JobError};
+use crate::pipeline::source::Disposal;
 use crate::producer::{claim_columns, claim_set};
 use crate::retry::RetryPolicy;
 

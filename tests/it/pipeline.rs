@@ -123,7 +123,10 @@ fn render(doc: &Doc) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_every_format_is_indexed_and_answers_questions() {
     let stack = Stack::new().await;
-    let paths: Vec<_> = DOCS.iter().map(|d| stack.write(d.name, render(d))).collect();
+    let paths: Vec<_> = DOCS
+        .iter()
+        .map(|d| stack.write(d.name, render(d)))
+        .collect();
     let files: Vec<(&str, &std::path::Path)> = DOCS
         .iter()
         .zip(&paths)
@@ -135,12 +138,22 @@ async fn a_batch_of_every_format_is_indexed_and_answers_questions() {
     let mut doc_of = BTreeMap::new();
     for (doc, id) in DOCS.iter().zip(&ids) {
         let row = stack.wait_finished(*id, JOB_DEADLINE).await;
-        assert_eq!(row.status, "completed", "{}: {row:?}\n{}", doc.name, worker.logs());
+        assert_eq!(
+            row.status,
+            "completed",
+            "{}: {row:?}\n{}",
+            doc.name,
+            worker.logs()
+        );
         assert_eq!(row.stage.as_deref(), Some("done"));
         assert!(row.total_chunks > 0, "{}: {row:?}", doc.name);
         assert_eq!(row.completed_chunks, row.total_chunks, "{}", doc.name);
         let stored = stack.assert_whole(*id).await;
-        assert_eq!(stored, row.total_chunks as usize, "{}: chunks in Chroma vs the row", doc.name);
+        assert_eq!(
+            stored, row.total_chunks as usize,
+            "{}: chunks in Chroma vs the row",
+            doc.name
+        );
         let chunks = stack.chunks_of(*id).await;
         let m = &chunks[0].1;
         assert_eq!(m["document_id"], json!(id.to_string()));
@@ -149,7 +162,10 @@ async fn a_batch_of_every_format_is_indexed_and_answers_questions() {
         assert_eq!(m["file_name"], json!(doc.name));
         assert_eq!(m["file_type"], json!(doc.name.rsplit('.').next().unwrap()));
         assert_eq!(m["embedding_model"], json!(services::EMBED_MODEL));
-        assert!(m["file_hash"].as_str().is_some_and(|h| h.len() == 64), "{m}");
+        assert!(
+            m["file_hash"].as_str().is_some_and(|h| h.len() == 64),
+            "{m}"
+        );
         if doc.name.ends_with(".pdf") {
             assert_eq!(m["page"], json!(1), "{m}");
         }
@@ -158,7 +174,10 @@ async fn a_batch_of_every_format_is_indexed_and_answers_questions() {
     let batch_status: String = stack
         .db
         .client
-        .query_one("SELECT status::text FROM job_batches WHERE id = $1", &[&batch])
+        .query_one(
+            "SELECT status::text FROM job_batches WHERE id = $1",
+            &[&batch],
+        )
         .await
         .unwrap()
         .get(0);
@@ -171,13 +190,18 @@ async fn a_batch_of_every_format_is_indexed_and_answers_questions() {
     let mut wrong = Vec::new();
     for (doc, v) in DOCS.iter().zip(&vectors) {
         let answer = services::query(&stack.chroma_url, &stack.collection, v, 3).await;
-        let top = answer["metadatas"][0][0]["document_id"].as_str().unwrap_or("");
+        let top = answer["metadatas"][0][0]["document_id"]
+            .as_str()
+            .unwrap_or("");
         let got = doc_of.get(top).copied().unwrap_or("?");
         if got != doc.name {
             wrong.push(format!("{:?} -> {got} (wanted {})", doc.question, doc.name));
         }
         let text = answer["documents"][0][0].as_str().unwrap_or("");
-        assert!(!text.contains("do not index me"), "script text was indexed: {text}");
+        assert!(
+            !text.contains("do not index me"),
+            "script text was indexed: {text}"
+        );
     }
     assert!(wrong.is_empty(), "wrong first answers: {wrong:#?}");
 }

@@ -8,7 +8,9 @@ mod stack;
 
 mod chaos;
 mod cli;
+mod inputs;
 mod pipeline;
+mod providers;
 mod schema;
 mod semantics;
 mod smoke;

@@ -79,7 +79,10 @@ impl Stack {
             ("DOCWORKER__EMBED__URL".into(), self.embed_url.clone()),
             ("DOCWORKER__EMBED__MODEL".into(), EMBED_MODEL.into()),
             ("DOCWORKER__CHROMA__URL".into(), self.chroma_url.clone()),
-            ("DOCWORKER__CHROMA__COLLECTION".into(), self.collection.clone()),
+            (
+                "DOCWORKER__CHROMA__COLLECTION".into(),
+                self.collection.clone(),
+            ),
             ("DOCWORKER__EMBED__TIMEOUT".into(), "30s".into()),
         ];
         env.extend(self.extra_env.iter().cloned());
@@ -266,7 +269,11 @@ impl Stack {
             .iter()
             .map(|(_, m)| m["generation"].as_str().unwrap_or("").to_string())
             .collect();
-        assert_eq!(generations.len(), 1, "one generation expected: {generations:?}");
+        assert_eq!(
+            generations.len(),
+            1,
+            "one generation expected: {generations:?}"
+        );
         for (i, (id, m)) in chunks.iter().enumerate() {
             assert_eq!(id, &format!("{document_id}-{i}"));
             assert_eq!(m["chunk_index"].as_u64(), Some(i as u64));

@@ -191,6 +191,18 @@ impl Completer {
     }
 }
 
+/// A document's jobs run one at a time: two ingests of one document (a
+/// re-upload while the first still runs, a duplicate delivery) or an ingest
+/// beside a delete would each delete the other's chunks as stale. So a
+/// job whose document has a job `processing` is not claimed, and one claim
+/// takes at most one job per document (the rest wait for the next claim).
+/// `noop` jobs are exempt: they touch no document. The check reads
+/// `job_tasks_running_document_idx`.
+pub const ONE_PER_DOCUMENT: &str = "(t.task_type = 'noop' OR NOT EXISTS (
+            SELECT 1 FROM job_tasks r
+             WHERE r.status = 'processing'
+               AND coalesce(r.document_id, r.id) = coalesce(t.document_id, t.id)))";
+
 /// $1..$5 the outcomes (id, attempt, outcome, kind, message), $6/$7 retry
 /// base/max seconds, $8 worker id, $9 lease seconds; `limit` is the text of
 /// the claim's LIMIT.
@@ -201,6 +213,7 @@ pub fn complete_and_claim_sql(limit: &str) -> String {
     let retry_at = RetryPolicy::retry_at_sql("t.attempt", "$6", "$7");
     let claim_set = claim_set("$8", "$9");
     let claim_columns = claim_columns();
+    let one_per_document = ONE_PER_DOCUMENT;
     format!(
         r#"
 WITH o AS (
@@ -245,14 +258,20 @@ WITH o AS (
     RETURNING t.id, t.status::text AS status,
         CASE WHEN p.will_retry THEN extract(epoch FROM p.retry_at - now())::float8 END AS retry_in
 ), c AS MATERIALIZED (
-    SELECT id FROM job_tasks
+    SELECT id, coalesce(document_id, id) AS document, priority, run_at FROM job_tasks t
      WHERE status = 'pending' AND run_at <= now()
+       AND {one_per_document}
      ORDER BY priority, run_at, id
      LIMIT {limit}
      FOR UPDATE SKIP LOCKED
+), first AS (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (PARTITION BY document ORDER BY priority, run_at, id) AS n
+          FROM c) ranked
+     WHERE n = 1
 ), claimed AS (
     UPDATE job_tasks t SET {claim_set}
-      FROM c WHERE t.id = c.id
+      FROM first WHERE t.id = first.id
     RETURNING {claim_columns}
 )
 SELECT true, claimed.*, NULL::text, NULL::float8 FROM claimed

@@ -48,6 +48,8 @@ impl Executor {
                 self.worker_id.clone(),
                 job.key,
                 stop.clone(),
+                self.running.clone(),
+                self.lease,
             );
             let outcome = self.run_body(&job, &stop, &ctx).await;
             self.running.remove(job.key);

@@ -12,7 +12,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::job::{Attempt, JobError};
 use crate::pipeline::source::Disposal;
-use crate::running::{StopReason, StopSignal};
+use crate::running::{RunningJobs, StopReason, StopSignal};
 
 /// Count updates closer together than this are coalesced (stage changes and
 /// the final count are always written).
@@ -23,17 +23,28 @@ pub struct JobContext {
     worker_id: Arc<str>,
     key: Attempt,
     stop: StopSignal,
+    running: Arc<RunningJobs>,
+    lease: Duration,
     last_count_write: Mutex<Option<Instant>>,
     after_success: std::sync::Mutex<Option<Disposal>>,
 }
 
 impl JobContext {
-    pub fn new(pool: Pool, worker_id: Arc<str>, key: Attempt, stop: StopSignal) -> JobContext {
+    pub fn new(
+        pool: Pool,
+        worker_id: Arc<str>,
+        key: Attempt,
+        stop: StopSignal,
+        running: Arc<RunningJobs>,
+        lease: Duration,
+    ) -> JobContext {
         JobContext {
             pool,
             worker_id,
             key,
             stop,
+            running,
+            lease,
             last_count_write: Mutex::new(None),
             after_success: std::sync::Mutex::new(None),
         }
@@ -67,6 +78,22 @@ impl JobContext {
             &[&completed, &total],
         )
         .await
+    }
+
+    /// Call before a write outside PostgreSQL (the vector store), which no
+    /// fence can guard: refuses, and stops the job, unless the lease is sure
+    /// to last a while yet (a third of it: the heartbeat renews at least
+    /// that often). A worker that was paused, or cut off from the database,
+    /// past its lease must not overwrite what the job's new owner wrote.
+    pub fn ensure_lease(&self) -> Result<(), JobError> {
+        let left = self.running.lease_left(self.key).unwrap_or_default();
+        if left >= self.lease / 3 {
+            return Ok(());
+        }
+        self.stop.stop(StopReason::LeaseLost);
+        Err(JobError::transient(
+            "This worker's lease on the job ran low (no heartbeat got through), so it stopped before writing to the vector store.",
+        ))
     }
 
     /// Records what the job produced (chunk count, whether it was skipped

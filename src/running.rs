@@ -108,6 +108,15 @@ impl RunningJobs {
         }
     }
 
+    /// How long this attempt's lease surely lasts on the server (zero once
+    /// it may have expired); `None` if the attempt is not running here.
+    pub fn lease_left(&self, key: Attempt) -> Option<Duration> {
+        self.lock()
+            .get(&key.id)
+            .filter(|e| e.attempt == key.attempt)
+            .map(|e| e.lease_expires.saturating_duration_since(Instant::now()))
+    }
+
     /// Stops this attempt of the job if it is still running here; says
     /// whether it was. A newer attempt of the same job is left alone.
     pub fn stop(&self, key: Attempt, reason: StopReason) -> bool {

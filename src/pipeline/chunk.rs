@@ -42,9 +42,17 @@ impl Sizer {
         if tokenizer.as_os_str().is_empty() {
             return Ok(Sizer::Characters);
         }
-        let t = Tokenizer::from_file(tokenizer)
+        let mut t = Tokenizer::from_file(tokenizer)
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("loading chunk.tokenizer {}", tokenizer.display()))?;
+        // A model's tokenizer.json often truncates and pads to the model's
+        // input length (sentence-transformers' all-MiniLM: 128). Counting
+        // with that on, every text is that many tokens long, so nothing
+        // would ever be split: count every token of the text itself.
+        t.with_truncation(None)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("loading chunk.tokenizer {}", tokenizer.display()))?;
+        t.with_padding(None);
         Ok(Sizer::Tokenizer(Arc::new(t)))
     }
 
@@ -197,6 +205,32 @@ mod tests {
             small.len(),
             big.len()
         );
+    }
+
+    #[test]
+    fn a_tokenizer_that_truncates_and_pads_still_counts_every_token() {
+        let json = r#"{
+            "version": "1.0",
+            "truncation": {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0},
+            "padding": {"strategy": {"Fixed": 8}, "direction": "Right", "pad_to_multiple_of": null,
+                        "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
+            "added_tokens": [], "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"[PAD]": 0, "[UNK]": 1, "a": 2}, "unk_token": "[UNK]"}
+        }"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json).unwrap();
+        let sizer = Sizer::load(&path).unwrap();
+        assert_eq!(sizer.size("a"), 1);
+        assert_eq!(sizer.size(&"a ".repeat(10)), 10);
+        let chunks = Chunker {
+            sizer,
+            size: 5,
+            overlap: 0,
+        }
+        .chunk(&parsed(Format::Text, &"a ".repeat(20)), 10_000);
+        assert_eq!(chunks.len(), 4);
     }
 
     #[test]

@@ -289,8 +289,11 @@ impl Embedder {
             401 | 403 => EmbedError::Permanent(format!(
                 "The embedding server at {url} refused the credentials (HTTP {status}: {message}). Check embed.api_key."
             )),
-            404 => EmbedError::Permanent(format!(
+            404 if self.settings.provider == Provider::Ollama => EmbedError::Permanent(format!(
                 "Embedding model {model:?} is not available at {url} ({message}). Pull it (`ollama pull {model}`) or set embed.model."
+            )),
+            404 => EmbedError::Permanent(format!(
+                "The embedding server at {url} has no model {model:?} or no /v1/embeddings endpoint ({message}). Check embed.model and embed.url."
             )),
             _ if too_long => EmbedError::TooLong(message.to_string()),
             400 if lower.contains("does not support embeddings") => EmbedError::Permanent(format!(

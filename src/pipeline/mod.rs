@@ -133,10 +133,11 @@ impl Pipeline {
         ctx.set_stage("parsing").await?;
         let file_path = job.file_path.as_deref().unwrap_or_default();
         let user_metadata = user_metadata(&job.options)?;
-        let path = source::resolve(&self.files, file_path)?;
+        let upload = source::resolve(&self.files, file_path)?;
         let max_bytes = self.files.max_file_mb * 1_000_000;
+        let real = upload.real.clone();
         let file = blocking("reading the file", self.files.parse_timeout, move || {
-            source::read(&path, max_bytes)
+            source::read(&real, max_bytes)
         })
         .await?;
 
@@ -157,7 +158,7 @@ impl Pipeline {
                 "note": "same file and settings as already indexed; not embedded again",
             }))
             .await?;
-            ctx.dispose_after_success(Disposal::for_settings(&self.files, &file.path));
+            ctx.dispose_after_success(Disposal::for_settings(&self.files, &upload.named));
             return Ok(());
         }
 
@@ -213,6 +214,7 @@ impl Pipeline {
             .filter(|(_, m)| m.get("generation").and_then(Value::as_str) != Some(&meta.generation))
             .map(|(id, _)| id)
             .collect();
+        ctx.ensure_lease()?;
         let removed = self.store.delete_ids(&collection, &stale).await?;
         ctx.set_progress(stored as i32, stored as i32).await?;
         ctx.set_result(json!({
@@ -221,7 +223,7 @@ impl Pipeline {
             "generation": meta.generation,
         }))
         .await?;
-        ctx.dispose_after_success(Disposal::for_settings(&self.files, &file.path));
+        ctx.dispose_after_success(Disposal::for_settings(&self.files, &upload.named));
         Ok(())
     }
 
@@ -232,6 +234,7 @@ impl Pipeline {
             .store
             .collection(self.embedder.model_name(), model.dimension)
             .await?;
+        ctx.ensure_lease()?;
         let removed = self
             .store
             .delete(
@@ -334,6 +337,7 @@ impl Pipeline {
                         meta.record(stored + k, known_total, chunk, embedding)
                     })
                     .collect();
+                ctx.ensure_lease()?;
                 self.store.upsert(collection, &records).await?;
                 stored += records.len();
                 ctx.set_progress(stored as i32, total.load(Ordering::SeqCst) as i32)

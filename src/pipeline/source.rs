@@ -15,15 +15,24 @@ use crate::job::JobError;
 
 /// A file read into memory, with its content hash.
 pub struct SourceFile {
-    pub path: PathBuf,
     pub bytes: Vec<u8>,
     /// Lower-case hex SHA-256 of `bytes`.
     pub sha256: String,
 }
 
+/// An upload's location: where it really is, and the path as named.
+pub struct Upload {
+    /// Symlinks and `..` resolved: what is read.
+    pub real: PathBuf,
+    /// As the job named it (joined to the root if relative): what is
+    /// deleted or moved after success, so a symlink is disposed of rather
+    /// than the file it points at.
+    pub named: PathBuf,
+}
+
 /// Finds `file_path` under the upload root, following symlinks, and refuses
 /// it if the real location is outside the root.
-pub fn resolve(settings: &FileSettings, file_path: &str) -> Result<PathBuf, JobError> {
+pub fn resolve(settings: &FileSettings, file_path: &str) -> Result<Upload, JobError> {
     let root = settings.upload_root.canonicalize().map_err(|e| {
         JobError::transient(format!(
             "The upload directory {} (files.upload_root) is not available: {e}.",
@@ -61,7 +70,10 @@ pub fn resolve(settings: &FileSettings, file_path: &str) -> Result<PathBuf, JobE
             "file_path {file_path:?} is not a regular file."
         )));
     }
-    Ok(real)
+    Ok(Upload {
+        real,
+        named: joined,
+    })
 }
 
 /// Reads the whole file, refusing it before reading if it is over the limit.
@@ -83,11 +95,7 @@ pub fn read(path: &Path, max_bytes: u64) -> Result<SourceFile, JobError> {
         return Err(too_big(bytes.len() as u64, max_bytes));
     }
     let sha256 = hex::encode(Sha256::digest(&bytes));
-    Ok(SourceFile {
-        path: path.to_path_buf(),
-        bytes,
-        sha256,
-    })
+    Ok(SourceFile { bytes, sha256 })
 }
 
 fn too_big(size: u64, max: u64) -> JobError {
@@ -122,11 +130,7 @@ impl Disposal {
     pub fn apply(&self) {
         let result = match self {
             Disposal::Delete(path) => std::fs::remove_file(path),
-            Disposal::Move { from, to_dir } => {
-                let name = from.file_name().unwrap_or_default();
-                std::fs::create_dir_all(to_dir)
-                    .and_then(|_| std::fs::rename(from, to_dir.join(name)))
-            }
+            Disposal::Move { from, to_dir } => move_without_clobbering(from, to_dir),
         };
         match result {
             Ok(()) => tracing::debug!(disposal = ?self, "uploaded file disposed of"),
@@ -134,5 +138,55 @@ impl Disposal {
                 tracing::warn!(disposal = ?self, error = %e, "could not dispose of the uploaded file")
             }
         }
+    }
+}
+
+/// Moves `from` into `to_dir` under its own name, or `name-1.ext`,
+/// `name-2.ext`, ... when that is taken: two uploads with one name (from
+/// different folders, or an earlier run) must not overwrite each other.
+/// `hard_link` fails if the target exists, which makes the check and the
+/// move one step; then the original name is removed.
+fn move_without_clobbering(from: &Path, to_dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to_dir)?;
+    let name = Path::new(from.file_name().unwrap_or_default());
+    let stem = name.file_stem().unwrap_or_default().to_string_lossy();
+    let ext = name
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    for n in 0..10_000 {
+        let candidate = if n == 0 {
+            to_dir.join(name)
+        } else {
+            to_dir.join(format!("{stem}-{n}{ext}"))
+        };
+        match std::fs::hard_link(from, &candidate) {
+            Ok(()) => return std::fs::remove_file(from),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free name in files.move_to"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moving_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = dir.path().join("done");
+        for (folder, text) in [("a", "first"), ("b", "second"), ("c", "third")] {
+            let src = dir.path().join(folder).join("report.txt");
+            std::fs::create_dir_all(src.parent().unwrap()).unwrap();
+            std::fs::write(&src, text).unwrap();
+            move_without_clobbering(&src, &done).unwrap();
+            assert!(!src.exists());
+        }
+        let read = |n: &str| std::fs::read_to_string(done.join(n)).unwrap();
+        assert_eq!(read("report.txt"), "first");
+        assert_eq!(read("report-1.txt"), "second");
+        assert_eq!(read("report-2.txt"), "third");
     }
 }

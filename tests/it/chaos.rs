@@ -255,6 +255,8 @@ async fn assert_stage_write_fenced(
         worker.into(),
         Attempt { id, attempt },
         stop.clone(),
+        Default::default(),
+        Duration::from_secs(30),
     );
     let result = ctx.set_stage("late-write").await;
     assert!(
@@ -469,6 +471,8 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
         b_id.as_str().into(),
         Attempt { id, attempt: 2 },
         StopSignal::default(),
+        Default::default(),
+        Duration::from_secs(30),
     );
     ctx.set_stage("probe").await.unwrap();
     let stage: String = db

@@ -100,21 +100,26 @@ async fn migrate_creates_everything_then_says_up_to_date() {
 
     let (code, out, err) = worker(&db.url, &["migrate"]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("applied migrations [1]"), "{out}");
+    assert!(out.contains("applied migrations [1, 2]"), "{out}");
     assert_schema_complete(&db.client).await;
 
     let (code, out, err) = worker(&db.url, &["migrate"]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("schema is up to date (version 1)"), "{out}");
+    assert!(out.contains("schema is up to date (version 2)"), "{out}");
 
     let rows = db
         .client
-        .query("SELECT version, name FROM docworker_migrations", &[])
+        .query(
+            "SELECT version, name FROM docworker_migrations ORDER BY version",
+            &[],
+        )
         .await
         .unwrap();
-    assert_eq!(rows.len(), 1);
+    assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].get::<_, i32>(0), 1);
     assert_eq!(rows[0].get::<_, String>(1), "queue");
+    assert_eq!(rows[1].get::<_, i32>(0), 2);
+    assert_eq!(rows[1].get::<_, String>(1), "pipeline");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,7 +141,7 @@ async fn concurrent_migrations_apply_the_schema_once() {
     for run in runs {
         let (code, out, err) = run.await.unwrap();
         assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-        if out.contains("applied migrations [1]") {
+        if out.contains("applied migrations [1, 2]") {
             applied += 1;
         } else if out.contains("schema is up to date") {
             up_to_date += 1;
@@ -147,15 +152,15 @@ async fn concurrent_migrations_apply_the_schema_once() {
     assert_eq!((applied, up_to_date), (1, 3));
     assert_eq!(
         db.count("SELECT count(*) FROM docworker_migrations").await,
-        1
+        2
     );
     assert_schema_complete(&db.client).await;
     // Applied once: one claim index, one rollup trigger.
     assert_eq!(
         db.count("SELECT count(*) FROM pg_indexes WHERE tablename = 'job_tasks'")
             .await,
-        5,
-        "pkey + claim + lease + batch + finished"
+        6,
+        "pkey + claim + lease + batch + finished + running document"
     );
 }
 
@@ -252,7 +257,7 @@ async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
 
     let (code, out, err) = worker(&db.url, &["migrate"]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("applied migrations [1]"), "{out}");
+    assert!(out.contains("applied migrations [1, 2]"), "{out}");
     assert_schema_complete(c).await;
 
     // Every row kept with its values, the app's other table untouched.
@@ -358,8 +363,10 @@ async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
     assert_eq!(row.get::<_, i32>(4), 0);
 
     // A running worker's sweep gives the legacy `processing` row back; it
-    // then runs and (for now) fails as every ingest job does.
-    let w = WorkerProcess::spawn(&db.url, &[]);
+    // then runs, and fails because its file was never uploaded here.
+    let uploads = tempfile::tempdir().unwrap();
+    let root = uploads.path().display().to_string();
+    let w = WorkerProcess::spawn(&db.url, &[("DOCWORKER__FILES__UPLOAD_ROOT", &root)]);
     for id in [processing, pending, plain] {
         db.wait_status(id, "error", Duration::from_secs(20)).await;
         let message: String = c
@@ -367,7 +374,7 @@ async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
             .await
             .unwrap()
             .get(0);
-        assert!(message.contains("not implemented yet"), "{id}: {message}");
+        assert!(message.contains("does not exist"), "{id}: {message}");
     }
     let row = c
         .query_one(

@@ -672,18 +672,6 @@ async fn bad_rows_end_in_error_with_a_clear_message_and_the_daemon_keeps_serving
         ),
         ("ingest", json!({}), None, &["ingest", "file_path"]),
         ("ingest", json!({}), Some("   "), &["ingest", "file_path"]),
-        (
-            "ingest",
-            json!({}),
-            Some("/uploads/a.pdf"),
-            &["\"ingest\"", "not implemented yet"],
-        ),
-        (
-            "delete",
-            json!({}),
-            Some("/uploads/a.pdf"),
-            &["\"delete\"", "not implemented yet"],
-        ),
     ];
     let mut ids = Vec::new();
     for (task_type, options, file_path, _) in cases {

@@ -239,7 +239,7 @@ mod tests {
         let mut csv = format!("{},b\n", "h".repeat(10_000));
         csv.push_str(&"1,2\n".repeat(10_000));
         let limits = Limits {
-            max_text_bytes: 1024 * 1024,
+            max_text_bytes: 1_000_000,
             ..Limits::default()
         };
         let err = parse_file(csv.as_bytes(), "t.csv", &limits).unwrap_err();

@@ -335,7 +335,7 @@ mod tests {
             "0,".repeat(100_000)
         );
         let limits = Limits {
-            max_text_bytes: 1024 * 1024,
+            max_text_bytes: 1_000_000,
             ..Limits::default()
         };
         let err = parse_file(json.as_bytes(), "wide.json", &limits).unwrap_err();

@@ -75,8 +75,8 @@ impl Default for Limits {
     /// 50 MB of text).
     fn default() -> Self {
         Limits {
-            max_unpacked_bytes: 200 * MIB,
-            max_text_bytes: 50 * MIB,
+            max_unpacked_bytes: 200 * MB,
+            max_text_bytes: 50 * MB,
         }
     }
 }
@@ -202,19 +202,24 @@ pub fn parse(bytes: &[u8], filename: &str, limits: &Limits) -> Result<Parsed, Pa
 }
 
 const MIB: u64 = 1024 * 1024;
+/// The unit of the `files.*_mb` settings (and of the sizes the caller
+/// reports): a decimal megabyte, so that a limit configured as 5 MB reads
+/// "5 MB" in messages.
+const MB: u64 = 1_000_000;
 
-/// A byte count the way the UI shows sizes: "50 MB", "1.5 MB", "12 KB".
+/// A byte count the way the UI shows sizes: "50 MB", "1.5 MB", "12 KB"
+/// (decimal units, like the settings).
 fn human_size(bytes: u64) -> String {
-    if bytes >= MIB {
-        let whole = bytes / MIB;
-        let tenths = (bytes % MIB) * 10 / MIB;
+    if bytes >= MB {
+        let whole = bytes / MB;
+        let tenths = (bytes % MB) * 10 / MB;
         if tenths == 0 {
             format!("{whole} MB")
         } else {
             format!("{whole}.{tenths} MB")
         }
-    } else if bytes >= 1024 {
-        format!("{} KB", bytes / 1024)
+    } else if bytes >= 1000 {
+        format!("{} KB", bytes / 1000)
     } else {
         format!("{bytes} bytes")
     }
@@ -328,9 +333,10 @@ mod tests {
 
     #[test]
     fn sizes_read_like_the_ui() {
-        assert_eq!(human_size(50 * MIB), "50 MB");
-        assert_eq!(human_size(3 * MIB / 2), "1.5 MB");
-        assert_eq!(human_size(2048), "2 KB");
+        assert_eq!(human_size(50 * MB), "50 MB");
+        assert_eq!(human_size(3 * MB / 2), "1.5 MB");
+        assert_eq!(human_size(5_000_000), "5 MB");
+        assert_eq!(human_size(2000), "2 KB");
         assert_eq!(human_size(12), "12 bytes");
     }
 

@@ -125,6 +125,29 @@ impl ChromaStore {
         Ok(collection)
     }
 
+    /// The collection if it exists, looked up by name without creating
+    /// anything or checking the model: what a delete needs, so that
+    /// deleting works while the embedder is down, and deleting from a
+    /// collection that was never created is simply done.
+    pub async fn existing_collection(&self) -> Result<Option<Collection>, JobError> {
+        if let Some(c) = &*self.collection.lock().await {
+            return Ok(Some(c.clone()));
+        }
+        let path = format!("{}/{}", self.collections_path(), self.settings.collection);
+        let found = match self.call(reqwest::Method::GET, &path, None).await {
+            Ok(found) => found,
+            Err(e) if e.message.contains("HTTP 404") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(id) = found.get("id").and_then(Value::as_str) else {
+            return Ok(None);
+        };
+        Ok(Some(Collection {
+            id: id.to_string(),
+            batch_size: self.settings.batch_size,
+        }))
+    }
+
     /// A collection made for another model would mix vectors from two
     /// spaces, and every query against it would quietly return nonsense.
     fn check_collection(

@@ -203,19 +203,9 @@ impl Pipeline {
             .await?;
 
         ctx.set_stage("storing").await?;
-        // Stale records are picked here rather than with a `$ne` filter:
-        // Chroma's filters skip records that lack the key, and chunks
-        // written by other tools (the app's old worker) have no generation.
-        let stale: Vec<String> = self
-            .store
-            .get(&collection, &json!({"document_id": document_id}))
-            .await?
-            .into_iter()
-            .filter(|(_, m)| m.get("generation").and_then(Value::as_str) != Some(&meta.generation))
-            .map(|(id, _)| id)
-            .collect();
-        ctx.ensure_lease()?;
-        let removed = self.store.delete_ids(&collection, &stale).await?;
+        let removed = self
+            .remove_stale(ctx, &collection, &document_id, &meta.generation)
+            .await?;
         ctx.set_progress(stored as i32, stored as i32).await?;
         ctx.set_result(json!({
             "chunks": stored, "unchanged": false, "file_hash": meta.file_hash,
@@ -229,11 +219,10 @@ impl Pipeline {
 
     pub async fn delete(&self, job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
         ctx.set_stage("deleting").await?;
-        let model = self.embedder.model().await.map_err(embed_error)?;
-        let collection = self
-            .store
-            .collection(self.embedder.model_name(), model.dimension)
-            .await?;
+        let Some(collection) = self.store.existing_collection().await? else {
+            ctx.set_result(json!({ "chunks_removed": 0 })).await?;
+            return Ok(());
+        };
         ctx.ensure_lease()?;
         let removed = self
             .store
@@ -244,6 +233,30 @@ impl Pipeline {
             .await?;
         ctx.set_result(json!({ "chunks_removed": removed })).await?;
         Ok(())
+    }
+
+    /// Deletes the document's records of every generation but this one;
+    /// called once this one is wholly written. Returns how many went.
+    async fn remove_stale(
+        &self,
+        ctx: &JobContext,
+        collection: &Collection,
+        document_id: &str,
+        generation: &str,
+    ) -> Result<u64, JobError> {
+        // Chosen here rather than with a `$ne` filter: Chroma's filters skip
+        // records that lack the key, and chunks written by other tools (the
+        // app's old worker) have no generation.
+        let stale: Vec<String> = self
+            .store
+            .get(collection, &json!({"document_id": document_id}))
+            .await?
+            .into_iter()
+            .filter(|(_, m)| m.get("generation").and_then(Value::as_str) != Some(generation))
+            .map(|(id, _)| id)
+            .collect();
+        ctx.ensure_lease()?;
+        self.store.delete_ids(collection, &stale).await
     }
 
     /// The settings fingerprint plus what the job itself adds to each chunk.

@@ -909,6 +909,47 @@ async fn a_shorter_reupload_replaces_every_chunk_and_removes_the_rest() {
 
 // 8. Delete -------------------------------------------------------------------------
 
+/// A delete needs only Chroma: it works while the embedder is down, and a
+/// collection that was never created has nothing to delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_works_without_the_embedder_and_without_a_collection() {
+    let _g = harness::timed().await;
+    let stack = Stack::new().await;
+    let path = stack.write("a.txt", prose(20, "alpha"));
+    let doc = Uuid::new_v4();
+    let ingest = stack
+        .ingest("a.txt", &path.display().to_string(), Some(doc), json!({}))
+        .await;
+    {
+        let worker = stack.worker();
+        wait_completed(&stack, ingest, &[&worker]).await;
+    }
+    let n = stack.assert_whole(doc).await;
+    assert!(n > 0);
+
+    // The embedder now points at a closed port.
+    let mut down = Stack::on(&stack.chroma_url, "http://127.0.0.1:9").await;
+    down.collection = stack.collection.clone();
+    let missing = Stack::on(&stack.chroma_url, "http://127.0.0.1:9").await;
+    for (s, document, want) in [(&down, doc, n), (&missing, Uuid::new_v4(), 0)] {
+        let id = s.delete(document).await;
+        let worker = s.worker();
+        let row = s.wait_finished(id, JOB_DEADLINE).await;
+        assert_eq!(row.status, "completed", "{row:?}\n{}", worker.logs());
+        assert_eq!(
+            row.result.as_ref().map(|r| r["chunks_removed"].clone()),
+            Some(json!(want)),
+            "{row:?}"
+        );
+    }
+    assert!(stack.chunks_of(doc).await.is_empty());
+    assert_eq!(
+        services::collection_id(&missing.chroma_url, &missing.collection).await,
+        None,
+        "a delete must not create the collection"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_removes_every_chunk_of_its_document_and_nothing_else() {
     let _g = harness::timed().await;

@@ -81,11 +81,20 @@ impl Embedder {
                     .then_some(self.settings.context_length),
             },
         };
-        let info = if info.dimension == 0 {
-            // Nothing said how long the vectors are: ask for one and see.
+        // An OpenAI-compatible server says nothing about its models, and
+        // Ollama may not: embed one input and see, before a collection is
+        // made for a size the model does not produce.
+        let info = if info.dimension == 0 || self.settings.provider == Provider::OpenAi {
             let probe = self.request(&["dimension probe"]).await?;
+            let probed = probe.first().map_or(0, Vec::len);
+            if info.dimension != 0 && probed != info.dimension {
+                return Err(EmbedError::Permanent(format!(
+                    "Embedding dimension mismatch: model {:?} returns {probed}-dimensional vectors, but embed.dimension is {}. Set embed.dimension to {probed} (or 0 to learn it).",
+                    self.settings.model, info.dimension
+                )));
+            }
             ModelInfo {
-                dimension: probe.first().map_or(0, Vec::len),
+                dimension: probed,
                 ..info
             }
         } else {

@@ -184,6 +184,33 @@ async fn openai_provider_with_its_key_and_a_wrong_key() {
     assert!(wrong.chunks_of(id).await.is_empty());
 }
 
+/// An OpenAI-compatible server gives no model metadata: with
+/// `embed.dimension` set, every answer is checked against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dimension_other_than_configured_fails_permanently() {
+    let mut stack = Stack::new().await;
+    stack
+        .set("DOCWORKER__EMBED__PROVIDER", "openai")
+        .set("DOCWORKER__EMBED__DIMENSION", "768");
+    let id = ingest_file(&stack, "whales.txt", WHALES, None).await;
+    let (code, out, log) = once(&stack, id);
+    assert_eq!(code, 3, "stdout:\n{out}\nlog:\n{log}");
+    let logs = || log.clone();
+    assert_permanent(
+        &stack,
+        id,
+        "dimension mismatch",
+        &["dimension mismatch", "384", "768"],
+        &logs,
+    )
+    .await;
+    assert_eq!(
+        services::collection_id(&stack.chroma_url, &stack.collection).await,
+        None,
+        "no collection is made for a size the model does not produce"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ollama_model_missing_or_not_for_embedding_fails_permanently() {
     let mut stack = Stack::new().await;

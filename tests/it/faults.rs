@@ -537,11 +537,11 @@ async fn chroma_down_makes_jobs_wait_with_backoff_and_complete_once_it_is_back()
     );
 }
 
-// 5. Worker killed mid-job ----------------------------------------------------------
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_job_leaves_no_partial_or_stale_chunks() {
-    let _g = harness::timed().await;
+/// A job of about sixty chunks, two per embedding request, each request
+/// delayed a quarter of a second: it runs for several seconds, long enough
+/// to kill or pause its worker mid-way. Clear the embedder's fault to let
+/// it run at full speed.
+async fn long_job_on_a_slow_embedder() -> (EmbedServer, Stack, Uuid) {
     let embedder = EmbedServer::start_new(&[]);
     let mut stack = Stack::on(&services::shared_chroma().url(), &embedder.url()).await;
     small_chunks(&mut stack, 40);
@@ -550,11 +550,18 @@ async fn a_worker_killed_mid_job_leaves_no_partial_or_stale_chunks() {
     let id = stack
         .ingest("long.txt", &path.display().to_string(), None, json!({}))
         .await;
-    // A quarter of a second per request of two chunks: the job takes
-    // several seconds.
     embedder
         .fault(json!({"mode": "delay", "seconds": 0.25, "count": -1}))
         .await;
+    (embedder, stack, id)
+}
+
+// 5. Worker killed mid-job ----------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_leaves_no_partial_or_stale_chunks() {
+    let _g = harness::timed().await;
+    let (embedder, stack, id) = long_job_on_a_slow_embedder().await;
     let mut first = stack.worker();
 
     let mid = wait_for(
@@ -615,17 +622,7 @@ async fn a_worker_killed_mid_job_leaves_no_partial_or_stale_chunks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_worker_that_lost_its_job_leaves_the_document_whole() {
     let _g = harness::timed().await;
-    let embedder = EmbedServer::start_new(&[]);
-    let mut stack = Stack::on(&services::shared_chroma().url(), &embedder.url()).await;
-    small_chunks(&mut stack, 40);
-    stack.set("DOCWORKER__EMBED__BATCH_SIZE", "2");
-    let path = stack.write("long.txt", prose(120, ""));
-    let id = stack
-        .ingest("long.txt", &path.display().to_string(), None, json!({}))
-        .await;
-    embedder
-        .fault(json!({"mode": "delay", "seconds": 0.25, "count": -1}))
-        .await;
+    let (embedder, stack, id) = long_job_on_a_slow_embedder().await;
     let first = stack.worker();
     let mid = wait_for(
         &stack,

@@ -185,7 +185,8 @@ async fn openai_provider_with_its_key_and_a_wrong_key() {
 }
 
 /// An OpenAI-compatible server gives no model metadata: with
-/// `embed.dimension` set, every answer is checked against it.
+/// `embed.dimension` set, a probe is checked against it before any
+/// collection is made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dimension_other_than_configured_fails_permanently() {
     let mut stack = Stack::new().await;

@@ -204,7 +204,7 @@ fn percentiles(v: &mut [f64]) -> (f64, f64, f64) {
 }
 
 /// (VmRSS, VmHWM) of a process in KiB, from /proc.
-fn memory_kib(pid: u32) -> (u64, u64) {
+pub(crate) fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -218,7 +218,7 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 }
 
 /// Rebuilds a URL from a parsed config (host, port, user, password, dbname).
-fn config_to_url(cfg: &tokio_postgres::Config) -> String {
+pub(crate) fn config_to_url(cfg: &tokio_postgres::Config) -> String {
     let (host, port) = db::host_and_port(cfg);
     let user = cfg.get_user().unwrap_or("postgres");
     let db = cfg.get_dbname().unwrap_or("postgres");

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod bench_pipeline;
 pub mod completer;
 pub mod config;
 pub mod db;

@@ -12,7 +12,7 @@ use docworker::completer::Written;
 use docworker::config::Settings;
 use docworker::shutdown::Shutdown;
 use docworker::worker::OnceResult;
-use docworker::{admin, bench, db, schema, telemetry, worker};
+use docworker::{admin, bench, bench_pipeline, db, schema, telemetry, worker};
 use uuid::Uuid;
 
 const EXIT_JOB_FAILED: u8 = 3;
@@ -78,6 +78,8 @@ enum Command {
     },
     /// Measure throughput and pickup latency against a scratch database.
     Bench(bench::BenchArgs),
+    /// Measure parsing, chunking and a real worker's end-to-end pipeline on a generated corpus.
+    BenchPipeline(bench_pipeline::Args),
 }
 
 fn main() -> ExitCode {
@@ -172,6 +174,7 @@ async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitCode> {
             admin::ping(&client, timeout).await?;
         }
         Command::Bench(args) => bench::run(&settings, args).await?,
+        Command::BenchPipeline(args) => bench_pipeline::run(&settings, args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -36,9 +36,14 @@ pub struct BenchArgs {
     pub keep: bool,
 }
 
-pub async fn run(settings: &Settings, args: BenchArgs) -> Result<()> {
+/// A fresh database named `{prefix}_{pid}` beside the configured one, for a
+/// benchmark to fill: the admin connection, its name and settings for it.
+pub(crate) async fn scratch_database(
+    settings: &Settings,
+    prefix: &str,
+) -> Result<(Client, String, crate::config::DatabaseSettings)> {
     let admin = db::connect(&settings.database, "docworker bench").await?;
-    let name = format!("docworker_bench_{}", std::process::id());
+    let name = format!("{prefix}_{}", std::process::id());
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
         .await?;
@@ -50,6 +55,11 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> Result<()> {
     cfg.dbname(&name);
     let mut scratch = settings.database.clone();
     scratch.url = config_to_url(&cfg);
+    Ok((admin, name, scratch))
+}
+
+pub async fn run(settings: &Settings, args: BenchArgs) -> Result<()> {
+    let (admin, name, scratch) = scratch_database(settings, "docworker_bench").await?;
     let result = measure(&scratch, &args).await;
     if !args.keep {
         admin

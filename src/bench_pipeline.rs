@@ -32,7 +32,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use crate::bench::{config_to_url, memory_kib};
+use crate::bench::{self, memory_kib};
 use crate::config::{DatabaseSettings, Provider, Settings};
 use crate::db;
 use crate::pipeline::chunk::{Chunker, Sizer};
@@ -130,19 +130,8 @@ pub async fn run(settings: &Settings, args: Args) -> Result<()> {
     }
 
     let services = Services::check(settings, &args).await?;
-    let admin = db::connect(&settings.database, "docworker bench-pipeline").await?;
-    let name = format!("docworker_bench_pipeline_{}", std::process::id());
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .context("creating the scratch database (the configured user needs CREATEDB)")?;
-    let mut cfg: tokio_postgres::Config = settings.database.url.parse()?;
-    cfg.dbname(&name);
-    let mut scratch = settings.database.clone();
-    scratch.url = config_to_url(&cfg);
+    let (admin, name, scratch) =
+        bench::scratch_database(settings, "docworker_bench_pipeline").await?;
     let root =
         std::env::temp_dir().join(format!("docworker-bench-pipeline-{}", std::process::id()));
 

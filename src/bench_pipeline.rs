@@ -17,9 +17,10 @@
 //!    embedding server's process. The embedding server's `/_stats` (the
 //!    test server has it) gives how much of the drain it spent in the
 //!    model: with a real model that must be nearly all of it, or the worker
-//!    is what keeps it waiting.
+//!    is what keeps it waiting. Every process's CPU time is read before and
+//!    after the drain too, to show which one was the limit.
 //! 3. **Peak memory** of a child running several large PDFs at once
-//!    (`VmHWM`).
+//!    (`VmHWM`, and its RSS sampled over the drain to show when).
 //!
 //! It only prints figures; it asserts nothing but that every job completed.
 
@@ -741,7 +742,9 @@ async fn drain(
     let outcome = wait_for_drain(client, &mut child, Duration::from_secs(3600)).await;
     let wall = wall.elapsed().as_secs_f64();
     let cpu = process_cpu_seconds(pid) - cpu_before;
-    let (rss_peak, rss_peak_at) = outcome.as_ref().map_or((0, 0.0), |peak| *peak);
+    let rss = outcome
+        .as_ref()
+        .map_or(String::new(), |samples| rss_timeline(samples));
     let busiest = busiest_processes(&processes_before, &cpu_by_process(), pid);
     let machine = machine_cpu();
     let machine_busy = (machine.0 - machine_before.0) / (machine.1 - machine_before.1).max(1e-9);
@@ -814,8 +817,7 @@ async fn drain(
         None => println!("; the embedding server has no /_stats"),
     }
     println!(
-        "    largest RSS seen {:.1} MB, {rss_peak_at:.1} s into the drain; machine CPU busy {:.0}% of {} cores; CPU seconds over the drain by process: {}",
-        rss_peak as f64 / 1024.0,
+        "    RSS over the drain (s: MB): {rss}\n    machine CPU busy {:.0}% of {} cores; CPU seconds over the drain by process: {}",
         machine_busy * 100.0,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         busiest
@@ -829,21 +831,18 @@ async fn drain(
 }
 
 /// Waits until no job is pending or running; fails early if the worker
-/// exits. Returns the largest RSS of the worker seen meanwhile (KiB) and
-/// when, in seconds from the start.
+/// exits. Returns the worker's RSS (KiB) as sampled meanwhile, with the
+/// seconds since the start.
 async fn wait_for_drain(
     client: &tokio_postgres::Client,
     child: &mut tokio::process::Child,
     timeout: Duration,
-) -> Result<(u64, f64)> {
+) -> Result<Vec<(f64, u64)>> {
     let start = Instant::now();
     let pid = child.id().unwrap_or(0);
-    let mut peak = (0, 0.0);
+    let mut samples = Vec::new();
     loop {
-        let (rss, _) = memory_kib(pid);
-        if rss > peak.0 {
-            peak = (rss, start.elapsed().as_secs_f64());
-        }
+        samples.push((start.elapsed().as_secs_f64(), memory_kib(pid).0));
         let open: i64 = client
             .query_one(
                 "SELECT count(*) FROM job_tasks WHERE status NOT IN ('completed', 'error', 'cancelled')",
@@ -852,7 +851,7 @@ async fn wait_for_drain(
             .await?
             .get(0);
         if open == 0 {
-            return Ok(peak);
+            return Ok(samples);
         }
         if let Some(status) = child.try_wait()? {
             bail!("the worker exited ({status}) with {open} jobs still open");
@@ -862,6 +861,29 @@ async fn wait_for_drain(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The largest RSS sample and when, then the RSS at ten even steps of the
+/// drain: "peak 160.2 at 2.9; 0.0: 12.6, 15.1: 150.3, ...".
+fn rss_timeline(samples: &[(f64, u64)]) -> String {
+    let mb = |kib: u64| kib as f64 / 1024.0;
+    let Some(&(end, _)) = samples.last() else {
+        return String::new();
+    };
+    let (peak_at, peak) = samples
+        .iter()
+        .copied()
+        .max_by_key(|&(_, rss)| rss)
+        .unwrap_or_default();
+    let mut out = format!("peak {:.1} at {peak_at:.1}", mb(peak));
+    let mut next = 0.0;
+    for &(t, rss) in samples {
+        if t >= next {
+            out.push_str(&format!("; {t:.1}: {:.1}", mb(rss)));
+            next += end / 10.0;
+        }
+    }
+    out
 }
 
 /// A process's user + system CPU time in seconds, all threads, including

@@ -166,8 +166,8 @@ impl Completer {
                 claimed.push(ClaimedJob::from_row_at(row, 1));
             } else {
                 let id: Uuid = row.get(1);
-                let status: String = row.get(10);
-                let retry_in: Option<f64> = row.get(11);
+                let status: String = row.get(11);
+                let retry_in: Option<f64> = row.get(12);
                 let retry_in = retry_in.map(|s| Duration::from_secs_f64(s.max(0.0)));
                 written.insert(id, Written::Applied { status, retry_in });
             }
@@ -277,7 +277,7 @@ WITH o AS (
 SELECT true, claimed.*, NULL::text, NULL::float8 FROM claimed
 UNION ALL
 SELECT false, done.id, NULL::int, NULL::int, NULL::text, NULL::text, NULL::text,
-       NULL::uuid, NULL::jsonb, NULL::uuid, done.status, done.retry_in
+       NULL::uuid, NULL::jsonb, NULL::uuid, NULL::float8, done.status, done.retry_in
   FROM done
 "#
     )

@@ -26,12 +26,16 @@ pub struct Settings {
     pub chunk: ChunkSettings,
     pub embed: EmbedSettings,
     pub chroma: ChromaSettings,
+    pub http: HttpSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: String,
+    /// When set, the password is read from this file (a Docker secret, a
+    /// systemd credential) instead of the URL.
+    pub password_file: PathBuf,
     pub pool_size: usize,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -141,6 +145,13 @@ pub struct ChromaSettings {
     pub timeout: Duration,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub enabled: bool,
+    pub address: std::net::SocketAddr,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -215,6 +226,15 @@ impl Settings {
             !self.database.url.trim().is_empty(),
             "database.url",
             "must not be empty".into(),
+        )?;
+        check(
+            self.database.password_file.as_os_str().is_empty()
+                || self.database.password_file.is_absolute(),
+            "database.password_file",
+            format!(
+                "must be an absolute path (got {:?})",
+                self.database.password_file
+            ),
         )?;
         self.database
             .url

@@ -16,6 +16,15 @@ use crate::config::DatabaseSettings;
 pub fn pg_config(db: &DatabaseSettings, application_name: &str) -> Result<tokio_postgres::Config> {
     let mut cfg: tokio_postgres::Config =
         db.url.parse().context("invalid value for database.url")?;
+    if !db.password_file.as_os_str().is_empty() {
+        let password = std::fs::read_to_string(&db.password_file).with_context(|| {
+            format!(
+                "reading database.password_file {}",
+                db.password_file.display()
+            )
+        })?;
+        cfg.password(password.trim());
+    }
     if cfg.get_application_name().is_none() {
         cfg.application_name(application_name);
     }
@@ -85,4 +94,34 @@ pub fn host_and_port(cfg: &tokio_postgres::Config) -> (String, u16) {
         })
         .unwrap_or_else(|| "localhost".into());
     (host, cfg.get_ports().first().copied().unwrap_or(5432))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str, password_file: &std::path::Path) -> DatabaseSettings {
+        DatabaseSettings {
+            url: url.into(),
+            password_file: password_file.into(),
+            pool_size: 4,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn the_password_file_replaces_the_urls_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let cfg = pg_config(&settings("postgres://app:old@db/app", &file), "t").unwrap();
+        assert_eq!(cfg.get_password(), Some(&b"s3cret"[..]));
+
+        let missing = dir.path().join("missing");
+        let err = pg_config(&settings("postgres://app@db/app", &missing), "t").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("reading database.password_file"),
+            "{err:#}"
+        );
+    }
 }

@@ -14,7 +14,8 @@ use futures_util::FutureExt;
 use tracing::Instrument;
 
 use crate::completer::{Finished, Outcome};
-use crate::job::{ClaimedJob, JobError, JobSpec};
+use crate::job::{ClaimedJob, ErrorKind, JobError, JobSpec, TaskType};
+use crate::metrics;
 use crate::pipeline::Pipeline;
 use crate::progress::JobContext;
 use crate::running::{RunningJobs, StopReason, StopSignal};
@@ -51,19 +52,35 @@ impl Executor {
                 self.running.clone(),
                 self.lease,
             );
+            metrics::job_claimed(job.waited);
             let outcome = self.run_body(&job, &stop, &ctx).await;
+            ctx.end_stage();
             self.running.remove(job.key);
             let elapsed_ms = started.elapsed().as_millis() as u64;
-            match &outcome {
-                Some(Outcome::Completed) => tracing::info!(elapsed_ms, "job completed"),
+            let label = match &outcome {
+                Some(Outcome::Completed) => {
+                    tracing::info!(elapsed_ms, "job completed");
+                    "completed"
+                }
                 Some(Outcome::Failed(e)) => {
-                    tracing::warn!(elapsed_ms, kind = e.kind.as_str(), error = %e.message, "job failed")
+                    tracing::warn!(elapsed_ms, kind = e.kind.as_str(), error = %e.message, "job failed");
+                    match e.kind {
+                        ErrorKind::Transient => "transient_error",
+                        ErrorKind::Permanent => "permanent_error",
+                    }
                 }
                 Some(Outcome::HandBack) => {
-                    tracing::info!(elapsed_ms, "job stopped by shutdown; handing it back")
+                    tracing::info!(elapsed_ms, "job stopped by shutdown; handing it back");
+                    "handed_back"
                 }
-                None => tracing::info!(elapsed_ms, reason = ?stop.reason(), "job stopped; not ours to record"),
-            }
+                None => {
+                    tracing::info!(elapsed_ms, reason = ?stop.reason(), "job stopped; not ours to record");
+                    "stopped"
+                }
+            };
+            // The app may write any task_type: label only the known ones.
+            let task_type = TaskType::parse(&job.task_type).map_or("unknown", TaskType::as_str);
+            metrics::job_finished(task_type, label, started.elapsed());
             let after_success = match outcome {
                 Some(Outcome::Completed) => ctx.take_disposal(),
                 _ => None,

@@ -5,6 +5,7 @@
 //! validate fails permanently with a sentence saying what to fix.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio_postgres::Row;
@@ -28,6 +29,8 @@ pub struct ClaimedJob {
     pub document_id: Uuid,
     pub options: Value,
     pub batch_id: Option<Uuid>,
+    /// How long it had been due when it was claimed (its pickup latency).
+    pub waited: Duration,
 }
 
 impl ClaimedJob {
@@ -45,6 +48,7 @@ impl ClaimedJob {
             document_id: row.get(at + 6),
             options: row.get(at + 7),
             batch_id: row.get(at + 8),
+            waited: Duration::from_secs_f64(row.get(at + 9)),
         }
     }
 }
@@ -206,6 +210,7 @@ mod tests {
             document_id: Uuid::nil(),
             options,
             batch_id: None,
+            waited: Duration::ZERO,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The `worker` command line: the daemon, single-job debugging, and the
-//! operator commands. Exit codes: 0 success, 1 error, 2 usage,
-//! 3 the job `--once` ran failed, 4 `--once` found nothing to do.
+//! operator commands. Exit codes: 0 success, 1 error (or an unhealthy
+//! `health`), 2 usage, 3 the job `--once` ran failed, 4 `--once` found
+//! nothing to do.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use docworker::completer::Written;
 use docworker::config::Settings;
 use docworker::shutdown::Shutdown;
 use docworker::worker::OnceResult;
-use docworker::{admin, bench, bench_pipeline, db, schema, telemetry, worker};
+use docworker::{admin, bench, bench_pipeline, db, probe, schema, telemetry, worker};
 use uuid::Uuid;
 
 const EXIT_JOB_FAILED: u8 = 3;
@@ -71,6 +72,14 @@ enum Command {
     Retry { id: Uuid },
     /// Cancel a pending or running job.
     Cancel { id: Uuid },
+    /// Exit 0 if this host's worker answers its health check (needs http.enabled).
+    Health {
+        /// Check readiness instead: database, LISTEN, embedder and Chroma reachable.
+        #[arg(long)]
+        ready: bool,
+    },
+    /// Print the queue's numbers and, if it answers, this host's worker's.
+    Stats,
     /// Enqueue a noop job and time how long a worker takes to complete it.
     Ping {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -168,6 +177,15 @@ async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitCode> {
         Command::Cancel { id } => {
             let client = db::connect(&settings.database, "docworker cancel").await?;
             admin::cancel(&client, id).await?;
+        }
+        Command::Health { ready } => {
+            if !probe::health(&settings.http, ready).await? {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Stats => {
+            let client = db::connect(&settings.database, "docworker stats").await?;
+            probe::stats(&settings, &client).await?;
         }
         Command::Ping { timeout } => {
             let client = db::connect(&settings.database, "docworker ping").await?;

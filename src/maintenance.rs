@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::completer::LOCK_BATCHES_SQL;
+use crate::metrics;
 use crate::notifier::jittered;
 
 /// Expired leases handled per statement.
@@ -131,6 +132,11 @@ impl Maintenance {
                 let id: Uuid = row.get(0);
                 let status: String = row.get(1);
                 tracing::warn!(job = %id, new_status = %status, "reclaimed a job whose lease expired");
+                metrics::lease_reclaimed(if status == "pending" {
+                    "retry"
+                } else {
+                    "failed"
+                });
             }
             let due_again = rows.iter().any(|r| r.get::<_, String>(1) == "pending");
             if due_again {

@@ -15,6 +15,8 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseSettings;
+use crate::health::Health;
+use crate::metrics;
 
 /// New or due jobs; payload is empty.
 pub const JOBS_CHANNEL: &str = "docworker_jobs";
@@ -31,6 +33,8 @@ pub struct Notifier {
     pub jobs: Arc<Notify>,
     /// Wakes the heartbeat, which finds out which job was cancelled.
     pub cancels: Arc<Notify>,
+    /// Told whether the connection is listening (readiness, `READY=1`).
+    pub health: Arc<Health>,
 }
 
 impl Notifier {
@@ -42,6 +46,7 @@ impl Notifier {
                 _ = stop.cancelled() => return,
                 r = self.listen_once(&stop) => r,
             };
+            self.health.set_listening(false);
             if stop.is_cancelled() {
                 return;
             }
@@ -57,6 +62,7 @@ impl Notifier {
                 backoff = Duration::from_millis(100);
             }
             reconnects += 1;
+            metrics::listener_reconnected();
             let sleep = jittered(backoff);
             tracing::info!(
                 reconnects,
@@ -105,6 +111,7 @@ impl Notifier {
             .context("LISTEN")?;
         let since = tokio::time::Instant::now();
         tracing::info!("listening for job notifications");
+        self.health.set_listening(true);
         // Whatever was announced while we were not listening is lost: look now.
         self.jobs.notify_one();
 

@@ -21,7 +21,9 @@ use uuid::Uuid;
 
 use crate::completer::{Completer, Finished, Written};
 use crate::executor::Executor;
+use crate::health::{Health, BEAT_EVERY};
 use crate::job::ClaimedJob;
+use crate::metrics;
 use crate::notifier::jittered;
 
 /// Outcomes recorded per statement at most.
@@ -46,7 +48,8 @@ pub fn claim_set(worker: &str, lease: &str) -> String {
 /// What a claim returns, in the order [`ClaimedJob::from_row_at`] reads.
 pub fn claim_columns() -> &'static str {
     "t.id, t.attempt, t.max_attempts, t.task_type, t.filename::text, t.file_path, \
-     coalesce(t.document_id, t.id), t.options, t.batch_id"
+     coalesce(t.document_id, t.id), t.options, t.batch_id, \
+     greatest(extract(epoch FROM now() - t.run_at), 0)::float8"
 }
 
 /// Claims the job $1 whatever its state, unless another worker holds a live
@@ -93,6 +96,8 @@ pub struct Producer {
     pub completer: Completer,
     pub wake: Arc<Notify>,
     pub poll_interval: Duration,
+    /// Fed on every turn of the loop: this loop's liveness is the process's.
+    pub health: Arc<Health>,
 }
 
 impl Producer {
@@ -109,6 +114,7 @@ impl Producer {
         let mut next_poll = tokio::time::Instant::now() + jittered(self.poll_interval);
         let mut error_backoff = Duration::from_millis(100);
         loop {
+            self.health.beat();
             let claiming = !stop_claiming.is_cancelled();
             if !claiming && in_use == 0 {
                 return;
@@ -128,6 +134,8 @@ impl Producer {
                         next_poll = tokio::time::Instant::now() + jittered(self.poll_interval);
                     }
                     _ = abandon.cancelled() => return,
+                    // Nothing to do; turning shows the loop is alive.
+                    _ = tokio::time::sleep(BEAT_EVERY) => continue,
                 }
             }
             drain(&mut rx, &mut unwritten, &mut in_use);
@@ -164,6 +172,7 @@ impl Producer {
                             ..
                         } = written
                         {
+                            metrics::retry_scheduled();
                             self.wake_after(*delay);
                         }
                     }

@@ -11,6 +11,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::types::ToSql;
 
 use crate::job::{Attempt, JobError};
+use crate::metrics;
 use crate::pipeline::source::Disposal;
 use crate::running::{RunningJobs, StopReason, StopSignal};
 
@@ -27,6 +28,8 @@ pub struct JobContext {
     lease: Duration,
     last_count_write: Mutex<Option<Instant>>,
     after_success: std::sync::Mutex<Option<Disposal>>,
+    /// The stage being run and since when, for the stage-duration metric.
+    stage: std::sync::Mutex<(String, Instant)>,
 }
 
 impl JobContext {
@@ -47,12 +50,14 @@ impl JobContext {
             lease,
             last_count_write: Mutex::new(None),
             after_success: std::sync::Mutex::new(None),
+            stage: std::sync::Mutex::new(("started".into(), Instant::now())),
         }
     }
 
     /// Records the stage the job has entered (parsing, chunking, ...).
     pub async fn set_stage(&self, stage: &str) -> Result<(), JobError> {
         tracing::info!(stage, "stage");
+        self.stage_clock(stage);
         self.fenced_write(
             "UPDATE job_tasks SET stage = $4, updated_at = now()
               WHERE id = $1 AND attempt = $2 AND locked_by = $3 AND status = 'processing'",
@@ -78,6 +83,20 @@ impl JobContext {
             &[&completed, &total],
         )
         .await
+    }
+
+    /// Ends the stage clock when the body ends, however it ended.
+    pub fn end_stage(&self) {
+        self.stage_clock("");
+    }
+
+    /// Reports the stage that just ended and starts timing `next`.
+    fn stage_clock(&self, next: &str) {
+        let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+        let (ended, since) = std::mem::replace(&mut *stage, (next.to_owned(), Instant::now()));
+        if !ended.is_empty() {
+            metrics::stage_finished(&ended, since.elapsed());
+        }
     }
 
     /// Call before a write outside PostgreSQL (the vector store), which no

@@ -17,7 +17,9 @@ use uuid::Uuid;
 use crate::completer::{Completer, Finished, Written};
 use crate::config::Settings;
 use crate::executor::Executor;
+use crate::health::Health;
 use crate::heartbeat::Heartbeat;
+use crate::http::StatusServer;
 use crate::job::ClaimedJob;
 use crate::maintenance::Maintenance;
 use crate::notifier::Notifier;
@@ -26,7 +28,7 @@ use crate::producer::{self, Producer};
 use crate::retry::RetryPolicy;
 use crate::running::{RunningJobs, StopReason};
 use crate::shutdown::Shutdown;
-use crate::{db, schema};
+use crate::{db, metrics, schema, systemd};
 
 /// How long the last outcomes (handed-back jobs included) get to be written
 /// after the grace period.
@@ -54,7 +56,10 @@ struct Core {
     wake: Arc<Notify>,
     cancels: Arc<Notify>,
     executor: Arc<Executor>,
-    /// Stops the heartbeat, notifier and maintenance at the very end.
+    pipeline: Arc<Pipeline>,
+    health: Arc<Health>,
+    /// Stops the heartbeat, notifier, maintenance and HTTP listener at the
+    /// very end.
     background: CancellationToken,
 }
 
@@ -96,7 +101,7 @@ impl Core {
             running: running.clone(),
             job_timeout: w.job_timeout,
             lease: w.lease_duration,
-            pipeline,
+            pipeline: pipeline.clone(),
         });
         tracing::info!(worker_id = %worker_id, database = %db::redacted(&db::pg_config(&settings.database, "")?), "worker started");
         Ok(Some(Core {
@@ -106,6 +111,8 @@ impl Core {
             wake: Arc::new(Notify::new()),
             cancels,
             executor,
+            pipeline,
+            health: Health::new(w.listen),
             background,
         }))
     }
@@ -161,6 +168,18 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
         return Ok(());
     };
     let w = &settings.worker;
+    if settings.http.enabled {
+        StatusServer {
+            health: core.health.clone(),
+            pool: core.pool.clone(),
+            pipeline: core.pipeline.clone(),
+            running: core.running.clone(),
+            concurrency: w.concurrency,
+            metrics: metrics::install()?,
+        }
+        .start(settings.http.address, core.background.clone())
+        .await?;
+    }
     if w.listen {
         tokio::spawn(
             Notifier {
@@ -168,6 +187,7 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
                 application_name: format!("docworker-listener {}", core.worker_id),
                 jobs: core.wake.clone(),
                 cancels: core.cancels.clone(),
+                health: core.health.clone(),
             }
             .run(core.background.clone()),
         );
@@ -194,12 +214,23 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
             completer: core.completer(settings),
             wake: core.wake.clone(),
             poll_interval: w.poll_interval,
+            health: core.health.clone(),
         }
         .run(shutdown.token(), abandon.clone()),
     );
-    tracing::info!(concurrency = w.concurrency, "ready");
+    // Ready once the LISTEN connection is up too: until then new jobs wait
+    // for the poll.
+    tokio::select! {
+        _ = shutdown.begun() => {}
+        _ = core.health.listening_up() => {
+            tracing::info!(concurrency = w.concurrency, "ready");
+            systemd::ready();
+            systemd::feed_watchdog(core.health.clone(), core.background.clone());
+        }
+    }
 
     shutdown.begun().await;
+    systemd::stopping();
     // Phase two: the producer stops claiming and returns once every running
     // job's outcome is written. Running jobs get the grace period, then are
     // stopped, which hands them back.

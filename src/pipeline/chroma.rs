@@ -7,7 +7,7 @@
 //! unreachable, 429 and 5xx are transient; anything the server refuses as
 //! invalid is permanent.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderName, HeaderValue};
 use serde_json::{json, Map, Value};
@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 use super::embed::source_chain;
 use crate::config::ChromaSettings;
 use crate::job::JobError;
+use crate::metrics;
 
 /// Metadata keys on the collection that say which vectors it holds.
 const MODEL_KEY: &str = "embedding_model";
@@ -64,6 +65,14 @@ impl ChromaStore {
             settings: settings.clone(),
             collection: Mutex::new(None),
         })
+    }
+
+    /// Whether the server answers its heartbeat: for readiness probes.
+    pub async fn reachable(&self) -> Result<(), String> {
+        self.call(reqwest::Method::GET, "/api/v2/heartbeat", None)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.message)
     }
 
     pub fn url(&self) -> &str {
@@ -310,9 +319,20 @@ impl ChromaStore {
                 source_chain(&e)
             ))
         };
-        let response = request.send().await.map_err(unreachable)?;
-        let status = response.status().as_u16();
-        let text = response.text().await.map_err(unreachable)?;
+        let started = Instant::now();
+        let answer = async {
+            let response = request.send().await?;
+            let status = response.status().as_u16();
+            Ok::<_, reqwest::Error>((status, response.text().await?))
+        }
+        .await;
+        metrics::request(
+            "chroma",
+            operation(path),
+            matches!(&answer, Ok((status, _)) if (200..300).contains(status)),
+            started.elapsed(),
+        );
+        let (status, text) = answer.map_err(unreachable)?;
         if (200..300).contains(&status) {
             return Ok(serde_json::from_str(&text).unwrap_or(Value::Null));
         }
@@ -332,5 +352,17 @@ impl ChromaStore {
             )),
             _ => JobError::permanent(error),
         })
+    }
+}
+
+/// The metrics label for a request path.
+fn operation(path: &str) -> &'static str {
+    match path.rsplit('/').next() {
+        Some("upsert") => "upsert",
+        Some("get") => "get",
+        Some("delete") => "delete",
+        Some("query") => "query",
+        Some("heartbeat") => "heartbeat",
+        _ => "setup",
     }
 }

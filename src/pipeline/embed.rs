@@ -7,13 +7,14 @@
 //! three kinds: worth retrying later, hopeless, or "this input is too long"
 //! (which the pipeline answers by splitting the input, never by cutting it).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use crate::config::{EmbedSettings, Provider};
+use crate::metrics;
 
 /// What the pipeline needs to know about the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +51,17 @@ impl Embedder {
             settings: settings.clone(),
             info: Mutex::new(None),
         })
+    }
+
+    /// Whether the server answers at all (any HTTP status will do): for
+    /// readiness probes, which must not load a model.
+    pub async fn reachable(&self) -> Result<(), String> {
+        match self.http.get(self.base()).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(match self.unreachable(e) {
+                EmbedError::Transient(m) | EmbedError::Permanent(m) | EmbedError::TooLong(m) => m,
+            }),
+        }
     }
 
     pub fn model_name(&self) -> &str {
@@ -246,9 +258,25 @@ impl Embedder {
         if !self.settings.api_key.is_empty() {
             request = request.bearer_auth(&self.settings.api_key);
         }
-        let response = request.send().await.map_err(|e| self.unreachable(e))?;
-        let status = response.status();
-        let text = response.text().await.map_err(|e| self.unreachable(e))?;
+        let op = if url.ends_with("/api/show") {
+            "show"
+        } else {
+            "embed"
+        };
+        let started = Instant::now();
+        let answer = async {
+            let response = request.send().await?;
+            let status = response.status();
+            Ok::<_, reqwest::Error>((status, response.text().await?))
+        }
+        .await;
+        metrics::request(
+            "embedder",
+            op,
+            matches!(&answer, Ok((status, _)) if status.is_success()),
+            started.elapsed(),
+        );
+        let (status, text) = answer.map_err(|e| self.unreachable(e))?;
         if !status.is_success() {
             return Err(self.classify(status.as_u16(), &error_message(&text)));
         }

@@ -129,6 +129,16 @@ impl Pipeline {
         }
     }
 
+    /// For readiness: does the embedding server answer?
+    pub async fn embedder_reachable(&self) -> Result<(), String> {
+        self.embedder.reachable().await
+    }
+
+    /// For readiness: does Chroma answer its heartbeat?
+    pub async fn chroma_reachable(&self) -> Result<(), String> {
+        self.store.reachable().await
+    }
+
     pub async fn ingest(&self, job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
         ctx.set_stage("parsing").await?;
         let file_path = job.file_path.as_deref().unwrap_or_default();

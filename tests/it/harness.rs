@@ -118,7 +118,7 @@ fn pg_command(bin: &Path, args: &[&str]) -> Command {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -680,6 +680,7 @@ fn run_command_kills_a_command_past_its_deadline() {
 pub fn pool(url: &str) -> deadpool_postgres::Pool {
     let settings = docworker::config::DatabaseSettings {
         url: url.to_owned(),
+        password_file: Default::default(),
         pool_size: 4,
         connect_timeout: Duration::from_secs(5),
     };

@@ -10,6 +10,7 @@ mod chaos;
 mod cli;
 mod faults;
 mod inputs;
+mod operate;
 mod pipeline;
 mod providers;
 mod schema;

@@ -1,0 +1,140 @@
+//! The optional HTTP listener (`[http]`): probes and metrics for whoever
+//! runs the worker, never an API for the app (the app talks SQL).
+//!
+//! - `/healthz`: 200 while the process's main loop turns; 503 once it has
+//!   stalled (container liveness, `worker health`).
+//! - `/readyz`: 200 when the database, the LISTEN connection, the embedding
+//!   server and Chroma all answer; 503 with the failing checks otherwise.
+//!   Not ready is not unhealthy: jobs just wait with backoff.
+//! - `/metrics`: Prometheus text; the queue gauges are read from the
+//!   database at each scrape.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use deadpool_postgres::Pool;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+use crate::pipeline::Pipeline;
+use crate::running::RunningJobs;
+use crate::stats::QueueSnapshot;
+
+/// A scrape waits this long for the queue numbers at most.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Histograms are folded this often, so memory stays flat between scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct StatusServer {
+    pub health: Arc<Health>,
+    pub pool: Pool,
+    pub pipeline: Arc<Pipeline>,
+    pub running: Arc<RunningJobs>,
+    pub concurrency: usize,
+    pub metrics: PrometheusHandle,
+}
+
+impl StatusServer {
+    /// Binds now, so that a taken port fails the start; serves in the
+    /// background until `stop`.
+    pub async fn start(self, address: SocketAddr, stop: CancellationToken) -> Result<()> {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on http.address {address}"))?;
+        tracing::info!(%address, "HTTP listener up: /healthz /readyz /metrics");
+        let upkeep = self.metrics.clone();
+        let router = Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .with_state(self);
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut every = tokio::time::interval(UPKEEP_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = every.tick() => upkeep.run_upkeep(),
+                    }
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the HTTP listener failed");
+            }
+        });
+        Ok(())
+    }
+}
+
+async fn healthz(State(s): State<StatusServer>) -> Response {
+    let since = s.health.since_beat();
+    if s.health.is_live() {
+        text(StatusCode::OK, "ok\n".into())
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("main loop stalled: last turn {since:?} ago\n"),
+        )
+    }
+}
+
+async fn readyz(State(s): State<StatusServer>) -> Response {
+    let checks = s.health.readiness(&s.pool, &s.pipeline).await;
+    let mut body = String::new();
+    for c in &checks {
+        let _ = writeln!(body, "{}: {}", c.name, c.detail);
+    }
+    let status = if checks.iter().all(|c| c.ok) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    text(status, body)
+}
+
+async fn metrics(State(s): State<StatusServer>) -> Response {
+    let snapshot = tokio::time::timeout(SNAPSHOT_TIMEOUT, async {
+        let client = s.pool.get().await?;
+        QueueSnapshot::read(&client).await
+    })
+    .await;
+    match snapshot {
+        Ok(Ok(snapshot)) => crate::metrics::set_queue(Some(&snapshot)),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %format!("{e:#}"), "metrics: could not read the queue");
+            crate::metrics::set_queue(None);
+        }
+        Err(_) => crate::metrics::set_queue(None),
+    }
+    crate::metrics::set_slots(s.running.len(), s.concurrency);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}

@@ -8,6 +8,7 @@ mod stack;
 
 mod chaos;
 mod cli;
+mod examples;
 mod faults;
 mod inputs;
 mod operate;

@@ -334,9 +334,10 @@ impl Pipeline {
         limit: usize,
         meta: &ChunkMeta,
     ) -> Result<usize, JobError> {
+        // The total first, so that no poll sees `embedding` with 0/0.
+        ctx.set_progress(0, chunks.len() as i32).await?;
         ctx.set_stage("embedding").await?;
         let total = AtomicUsize::new(chunks.len());
-        ctx.set_progress(0, chunks.len() as i32).await?;
         let batches = batches(chunks, self.embed_batch_size, self.embed_batch_bytes);
         let (tx, mut rx) = mpsc::channel::<Vec<Embedded>>(1);
         let embedding = async {

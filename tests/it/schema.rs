@@ -100,12 +100,12 @@ async fn migrate_creates_everything_then_says_up_to_date() {
 
     let (code, out, err) = worker(&db.url, &["migrate"]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("applied migrations [1, 2]"), "{out}");
+    assert!(out.contains("applied migrations [1, 2, 3]"), "{out}");
     assert_schema_complete(&db.client).await;
 
     let (code, out, err) = worker(&db.url, &["migrate"]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("schema is up to date (version 2)"), "{out}");
+    assert!(out.contains("schema is up to date (version 3)"), "{out}");
 
     let rows = db
         .client
@@ -115,11 +115,15 @@ async fn migrate_creates_everything_then_says_up_to_date() {
         )
         .await
         .unwrap();
-    assert_eq!(rows.len(), 2);
-    assert_eq!(rows[0].get::<_, i32>(0), 1);
-    assert_eq!(rows[0].get::<_, String>(1), "queue");
-    assert_eq!(rows[1].get::<_, i32>(0), 2);
-    assert_eq!(rows[1].get::<_, String>(1), "pipeline");
+    let applied: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        applied,
+        [
+            (1, "queue".to_string()),
+            (2, "pipeline".to_string()),
+            (3, "retry_resets_progress".to_string())
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +145,7 @@ async fn concurrent_migrations_apply_the_schema_once() {
     for run in runs {
         let (code, out, err) = run.await.unwrap();
         assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-        if out.contains("applied migrations [1, 2]") {
+        if out.contains("applied migrations [1, 2, 3]") {
             applied += 1;
         } else if out.contains("schema is up to date") {
             up_to_date += 1;
@@ -152,7 +156,7 @@ async fn concurrent_migrations_apply_the_schema_once() {
     assert_eq!((applied, up_to_date), (1, 3));
     assert_eq!(
         db.count("SELECT count(*) FROM docworker_migrations").await,
-        2
+        3
     );
     assert_schema_complete(&db.client).await;
     // Applied once: one claim index, one rollup trigger.
@@ -257,7 +261,7 @@ async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
 
     let (code, out, err) = worker(&db.url, &["migrate"]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("applied migrations [1, 2]"), "{out}");
+    assert!(out.contains("applied migrations [1, 2, 3]"), "{out}");
     assert_schema_complete(c).await;
 
     // Every row kept with its values, the app's other table untouched.
@@ -545,6 +549,14 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
         batch_state(c, batch).await,
         ("completed".into(), 2, 0, true)
     );
+    // As an ingest would have left it.
+    c.execute(
+        "UPDATE job_tasks SET total_chunks = 4, completed_chunks = 4, result = '{\"chunks\": 4}'
+          WHERE id = $1",
+        &[&ids[1]],
+    )
+    .await
+    .unwrap();
     let ok: bool = c
         .query_one("SELECT docworker_retry($1)", &[&ids[1]])
         .await
@@ -552,6 +564,25 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
         .get(0);
     assert!(ok);
     assert_eq!(batch_state(c, batch).await, ("pending".into(), 1, 0, false));
+    // The retried row shows no progress of the run before.
+    let row = c
+        .query_one(
+            "SELECT status::text, stage, total_chunks, completed_chunks, result IS NULL
+               FROM job_tasks WHERE id = $1",
+            &[&ids[1]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, Option<String>>(1),
+            row.get::<_, i32>(2),
+            row.get::<_, i32>(3),
+            row.get::<_, bool>(4)
+        ),
+        ("pending".into(), None, 0, 0, true)
+    );
     // ... and finishing it again closes the batch again.
     let claimed = claim_all(&db.url, 10).await;
     assert_eq!(claimed.len(), 1);

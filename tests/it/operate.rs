@@ -68,7 +68,20 @@ async fn metrics_count_what_the_worker_did_and_what_the_table_holds() {
         .noop_job(json!({"fail": "transient", "fail_attempts": 1}))
         .await;
     let bad = stack.db.noop_job(json!({"fail": "permanent"})).await;
-    for id in [ingest, flaky, bad] {
+    // A crashed worker's job: its lease ran out; the sweep puts it back.
+    let orphan: uuid::Uuid = stack
+        .db
+        .client
+        .query_one(
+            "INSERT INTO job_tasks (filename, task_type, status, attempt, locked_by, locked_until)
+             VALUES ('orphan', 'noop', 'processing', 1, 'a-dead-worker', now() - interval '1 second')
+             RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for id in [ingest, flaky, bad, orphan] {
         stack.wait_finished(id, JOB_DEADLINE).await;
     }
 
@@ -89,13 +102,21 @@ async fn metrics_count_what_the_worker_did_and_what_the_table_holds() {
         1.0
     );
     assert_eq!(value("docworker_retries_total"), 1.0);
-    assert_eq!(value(r#"docworker_jobs{status="completed"}"#), 2.0);
+    assert_eq!(
+        value(r#"docworker_lease_reclaims_total{outcome="retry"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"docworker_lease_reclaims_total{outcome="failed"}"#),
+        0.0
+    );
+    assert_eq!(value(r#"docworker_jobs{status="completed"}"#), 3.0);
     assert_eq!(value(r#"docworker_jobs{status="error"}"#), 1.0);
     assert_eq!(value("docworker_queue_depth"), 0.0);
     assert_eq!(value("docworker_database_up"), 1.0);
     assert_eq!(value("docworker_concurrency"), 4.0);
-    // Four attempts were claimed (the flaky job twice).
-    assert_eq!(value("docworker_pickup_latency_seconds_count"), 4.0);
+    // Five attempts were claimed (the flaky job twice).
+    assert_eq!(value("docworker_pickup_latency_seconds_count"), 5.0);
     assert!(value(r#"docworker_stage_duration_seconds_count{stage="embedding"}"#) >= 1.0);
     assert!(value(r#"docworker_stage_duration_seconds_count{stage="storing"}"#) >= 1.0);
     assert!(value(r#"docworker_requests_total{service="embedder",op="embed"}"#) >= 1.0);

@@ -48,10 +48,15 @@ pub fn resolve(settings: &FileSettings, file_path: &str) -> Result<Upload, JobEr
     let real = match joined.canonicalize() {
         Ok(p) => p,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A relative file_path: say where it was looked for.
+            let looked_for = if given.is_absolute() {
+                String::new()
+            } else {
+                format!(" (looked for {})", joined.display())
+            };
             return Err(JobError::permanent(format!(
-                "The uploaded file {file_path:?} does not exist (looked in {}). Upload it again.",
-                settings.upload_root.display()
-            )))
+                "The uploaded file {file_path:?} does not exist{looked_for}. Upload it again."
+            )));
         }
         Err(e) => {
             return Err(JobError::permanent(format!(

@@ -11,9 +11,11 @@
 //! database at each scrape by [`crate::stats`], so they are the same on
 //! every replica).
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::stats::QueueSnapshot;
@@ -72,6 +74,7 @@ pub fn install() -> Result<PrometheusHandle> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     describe();
+    per_job();
     // Counters that exist from the start read 0 rather than missing, so a
     // rate() over the first increment is right.
     ::metrics::counter!(RETRIES).absolute(0);
@@ -165,21 +168,87 @@ pub fn set_slots(running: usize, concurrency: usize) {
 }
 
 pub fn job_claimed(waited: Duration) {
-    ::metrics::histogram!(PICKUP_LATENCY).record(waited.as_secs_f64());
+    per_job().pickup.record(waited.as_secs_f64());
 }
 
 pub fn stage_finished(stage: &str, took: Duration) {
-    ::metrics::histogram!(STAGE_DURATION, "stage" => stage.to_owned()).record(took.as_secs_f64());
+    let took = took.as_secs_f64();
+    match per_job().stages.iter().find(|(name, _)| *name == stage) {
+        Some((_, histogram)) => histogram.record(took),
+        None => ::metrics::histogram!(STAGE_DURATION, "stage" => stage.to_owned()).record(took),
+    }
 }
 
+/// `task_type` is one of [`TASK_TYPES`], `outcome` one of [`OUTCOMES`].
 pub fn job_finished(task_type: &'static str, outcome: &'static str, took: Duration) {
-    ::metrics::counter!(JOBS_FINISHED, "task_type" => task_type, "outcome" => outcome).increment(1);
-    ::metrics::histogram!(JOB_DURATION, "task_type" => task_type, "outcome" => outcome)
-        .record(took.as_secs_f64());
+    let t = TASK_TYPES.iter().position(|t| *t == task_type);
+    let o = OUTCOMES.iter().position(|o| *o == outcome);
+    match (t, o) {
+        (Some(t), Some(o)) => {
+            let (count, duration) = &per_job().finished[t * OUTCOMES.len() + o];
+            count.increment(1);
+            duration.record(took.as_secs_f64());
+        }
+        _ => debug_assert!(false, "unlisted label {task_type}/{outcome}"),
+    }
 }
 
 pub fn retry_scheduled() {
-    ::metrics::counter!(RETRIES).increment(1);
+    per_job().retries.increment(1);
+}
+
+/// The label values of the per-job series.
+pub const TASK_TYPES: [&str; 4] = ["ingest", "delete", "noop", "unknown"];
+pub const OUTCOMES: [&str; 5] = [
+    "completed",
+    "transient_error",
+    "permanent_error",
+    "handed_back",
+    "stopped",
+];
+const STAGES: [&str; 6] = [
+    "started",
+    "parsing",
+    "chunking",
+    "embedding",
+    "storing",
+    "deleting",
+];
+
+/// Handles of the series every job touches, registered once: looking a
+/// series up by name and labels on each job cost a busy worker about a
+/// tenth of its noop throughput (BENCHMARKS.md).
+struct PerJob {
+    pickup: Histogram,
+    /// By task type, then outcome (see [`TASK_TYPES`], [`OUTCOMES`]).
+    finished: Vec<(Counter, Histogram)>,
+    stages: Vec<(&'static str, Histogram)>,
+    retries: Counter,
+}
+
+static PER_JOB: OnceLock<PerJob> = OnceLock::new();
+
+/// Registered with whatever recorder is installed at first use: [`install`]
+/// makes that first use, so a process that installs none keeps no-ops.
+fn per_job() -> &'static PerJob {
+    PER_JOB.get_or_init(|| PerJob {
+        pickup: ::metrics::histogram!(PICKUP_LATENCY),
+        finished: TASK_TYPES
+            .iter()
+            .flat_map(|t| OUTCOMES.iter().map(move |o| (*t, *o)))
+            .map(|(t, o)| {
+                (
+                    ::metrics::counter!(JOBS_FINISHED, "task_type" => t, "outcome" => o),
+                    ::metrics::histogram!(JOB_DURATION, "task_type" => t, "outcome" => o),
+                )
+            })
+            .collect(),
+        stages: STAGES
+            .iter()
+            .map(|s| (*s, ::metrics::histogram!(STAGE_DURATION, "stage" => *s)))
+            .collect(),
+        retries: ::metrics::counter!(RETRIES),
+    })
 }
 
 pub fn lease_reclaimed(outcome: &'static str) {

@@ -99,7 +99,8 @@ pub async fn stats(settings: &Settings, client: &tokio_postgres::Client) -> Resu
 }
 
 /// The daemon's own counters and histograms from its Prometheus text, one
-/// line per series: counters as they are, histograms as count and mean.
+/// line per series that has seen anything: counters as they are,
+/// histograms as count and mean.
 /// The queue gauges are left out (printed above from the database).
 fn summarize(exposition: &str) -> Vec<String> {
     let mut lines = Vec::new();
@@ -114,6 +115,10 @@ fn summarize(exposition: &str) -> Vec<String> {
         let Ok(value) = value.parse::<f64>() else {
             continue;
         };
+        if value == 0.0 {
+            // Nothing happened there yet: not worth a person's line.
+            continue;
+        }
         if let Some(name) = without(series, "_sum") {
             sums.insert(name, value);
         } else if let Some(name) = without(series, "_count") {
@@ -143,6 +148,9 @@ mod tests {
         let text = "\
 # TYPE docworker_retries_total counter
 docworker_retries_total 3
+docworker_listener_reconnects_total 0
+docworker_stage_duration_seconds_sum{stage=\"parsing\"} 0
+docworker_stage_duration_seconds_count{stage=\"parsing\"} 0
 docworker_requests_total{service=\"chroma\",op=\"upsert\"} 7
 docworker_queue_depth 12
 docworker_pickup_latency_seconds_bucket{le=\"0.01\"} 1

@@ -74,10 +74,10 @@ pub fn install() -> Result<PrometheusHandle> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     describe();
+    // Series that exist from the start read 0 rather than missing, so a
+    // rate() over their first increment is right: registering the per-job
+    // handles does that for theirs.
     per_job();
-    // Counters that exist from the start read 0 rather than missing, so a
-    // rate() over the first increment is right.
-    ::metrics::counter!(RETRIES).absolute(0);
     ::metrics::counter!(LISTENER_RECONNECTS).absolute(0);
     for outcome in ["retry", "failed"] {
         ::metrics::counter!(LEASE_RECLAIMS, "outcome" => outcome).absolute(0);

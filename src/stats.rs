@@ -51,11 +51,4 @@ impl QueueSnapshot {
             oldest_due_age: Duration::from_secs_f64(first.get::<_, f64>(4).max(0.0)),
         })
     }
-
-    pub fn count(&self, status: &str) -> i64 {
-        self.by_status
-            .iter()
-            .find(|(s, _)| s == status)
-            .map_or(0, |(_, n)| *n)
-    }
 }

@@ -37,7 +37,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     && rm -rf src
 
 # 2. The real sources. src/config.rs embeds config/default.toml and
-#    src/schema.rs embeds sql/*.sql (include_str!), so both must be here before
+#    src/store/schema.rs embeds sql/*.sql (include_str!), so both must be here before
 #    the build. The touch makes every source newer than anything step 1 left.
 COPY src/ src/
 COPY sql/ sql/

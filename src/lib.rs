@@ -1,30 +1,32 @@
 //! docworker: a PostgreSQL table (`job_tasks`) as a document-ingestion job
-//! queue. See ARCHITECTURE.md for the map of modules and one job's path.
+//! queue. See ARCHITECTURE.md for the map of wings and one job's path.
+//!
+//! Wings, and the only direction their imports go (each may use those
+//! below it):
+//!
+//! ```text
+//!   main.rs (the `worker` binary)
+//!   worker           wiring: starts the queue with docworker's tasks
+//!   bench | ops      benchmarks | HTTP, probes, systemd, operator commands
+//!   tasks            the task handler: ingest, delete, noop
+//!   pipeline         documents: source, parse, chunk, embed, store
+//!   queue            the engine: claims, runs through a TaskHandler, records
+//!   observe          metrics and logs
+//!   store            every statement on the queue's tables
+//!   db, config       connections, settings
+//! ```
+//!
+//! `samples` (documents built in code for tests and benchmarks) stands
+//! apart: nothing in the daemon's path uses it.
 
-pub mod admin;
 pub mod bench;
-pub mod bench_pipeline;
-pub mod completer;
 pub mod config;
 pub mod db;
-pub mod executor;
-pub mod health;
-pub mod heartbeat;
-pub mod http;
-pub mod job;
-pub mod maintenance;
-pub mod metrics;
-pub mod notifier;
+pub mod observe;
+pub mod ops;
 pub mod pipeline;
-pub mod probe;
-pub mod producer;
-pub mod progress;
-pub mod retry;
-pub mod running;
-pub mod schema;
-pub mod shutdown;
-pub mod stats;
-pub mod systemd;
+pub mod queue;
+pub mod samples;
+pub mod store;
 pub mod tasks;
-pub mod telemetry;
 pub mod worker;

@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use docworker::completer::Written;
 use docworker::config::Settings;
-use docworker::shutdown::Shutdown;
+use docworker::observe::telemetry;
+use docworker::ops::{admin, probe};
+use docworker::queue::shutdown::Shutdown;
+use docworker::store::{self, schema, JobStatus, Written};
 use docworker::worker::OnceResult;
-use docworker::{admin, bench, bench_pipeline, db, probe, schema, telemetry, worker};
+use docworker::{bench, db, worker};
 use uuid::Uuid;
 
 const EXIT_JOB_FAILED: u8 = 3;
@@ -86,9 +88,9 @@ enum Command {
         timeout: Duration,
     },
     /// Measure throughput and pickup latency against a scratch database.
-    Bench(bench::BenchArgs),
+    Bench(bench::queue::BenchArgs),
     /// Measure parsing, chunking and a real worker's end-to-end pipeline on a generated corpus.
-    BenchPipeline(bench_pipeline::Args),
+    BenchPipeline(bench::pipeline::Args),
 }
 
 fn main() -> ExitCode {
@@ -191,8 +193,8 @@ async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitCode> {
             let client = db::connect(&settings.database, "docworker ping").await?;
             admin::ping(&client, timeout).await?;
         }
-        Command::Bench(args) => bench::run(&settings, args).await?,
-        Command::BenchPipeline(args) => bench_pipeline::run(&settings, args).await?,
+        Command::Bench(args) => bench::queue::run(&settings, args).await?,
+        Command::BenchPipeline(args) => bench::pipeline::run(&settings, args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -220,20 +222,16 @@ async fn once(settings: &Settings, job: Option<Uuid>) -> Result<ExitCode> {
         }
         OnceResult::Finished { job, written } => {
             let client = db::connect(&settings.database, "docworker once").await?;
-            let row = client
-                .query_one(
-                    "SELECT status::text, coalesce(error_message, '') FROM job_tasks WHERE id = $1",
-                    &[&job.key.id],
-                )
-                .await?;
-            let status: String = row.get(0);
-            let message: String = row.get(1);
+            let (status, message) = store::admin::outcome_of(&client, job.key.id).await?;
             println!("job {} attempt {}: {status}", job.key.id, job.key.attempt);
             if !message.is_empty() {
                 println!("  {message}");
             }
             match written {
-                Written::Applied { status, .. } if status == "completed" => ExitCode::SUCCESS,
+                Written::Applied {
+                    status: JobStatus::Completed,
+                    ..
+                } => ExitCode::SUCCESS,
                 _ => ExitCode::from(EXIT_JOB_FAILED),
             }
         }

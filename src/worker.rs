@@ -14,21 +14,26 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::completer::{Completer, Finished, Written};
 use crate::config::Settings;
-use crate::executor::Executor;
-use crate::health::Health;
-use crate::heartbeat::Heartbeat;
-use crate::http::StatusServer;
-use crate::job::ClaimedJob;
-use crate::maintenance::Maintenance;
-use crate::notifier::Notifier;
+use crate::db;
+use crate::observe::metrics;
+use crate::ops::http::StatusServer;
+use crate::ops::systemd;
 use crate::pipeline::Pipeline;
-use crate::producer::{self, Producer};
-use crate::retry::RetryPolicy;
-use crate::running::{RunningJobs, StopReason};
-use crate::shutdown::Shutdown;
-use crate::{db, metrics, schema, systemd};
+use crate::queue::completer::{Completer, Finished};
+use crate::queue::executor::Executor;
+use crate::queue::health::Health;
+use crate::queue::heartbeat::Heartbeat;
+use crate::queue::maintenance::Maintenance;
+use crate::queue::notifier::Notifier;
+use crate::queue::producer::Producer;
+use crate::queue::retry::RetryPolicy;
+use crate::queue::running::{RunningJobs, StopReason};
+use crate::queue::shutdown::Shutdown;
+use crate::queue::TaskHandler;
+use crate::store::claim::claim_one;
+use crate::store::{schema, ClaimedJob, Written};
+use crate::tasks::DocumentTasks;
 
 /// How long the last outcomes (handed-back jobs included) get to be written
 /// after the grace period.
@@ -56,7 +61,7 @@ struct Core {
     wake: Arc<Notify>,
     cancels: Arc<Notify>,
     executor: Arc<Executor>,
-    pipeline: Arc<Pipeline>,
+    handler: Arc<dyn TaskHandler>,
     health: Arc<Health>,
     /// Stops the heartbeat, notifier, maintenance and HTTP listener at the
     /// very end.
@@ -90,10 +95,12 @@ impl Core {
             }
             .run(background.clone()),
         );
-        let pipeline = Arc::new(Pipeline::new(settings)?);
+        let handler: Arc<dyn TaskHandler> = Arc::new(DocumentTasks {
+            pipeline: Arc::new(Pipeline::new(settings)?),
+        });
         tokio::spawn({
-            let pipeline = pipeline.clone();
-            async move { pipeline.check().await }
+            let handler = handler.clone();
+            async move { handler.check_at_start().await }
         });
         let executor = Arc::new(Executor {
             pool: pool.clone(),
@@ -101,7 +108,7 @@ impl Core {
             running: running.clone(),
             job_timeout: w.job_timeout,
             lease: w.lease_duration,
-            pipeline: pipeline.clone(),
+            handler: handler.clone(),
         });
         tracing::info!(worker_id = %worker_id, database = %db::redacted(&db::pg_config(&settings.database, "")?), "worker started");
         Ok(Some(Core {
@@ -111,7 +118,7 @@ impl Core {
             wake: Arc::new(Notify::new()),
             cancels,
             executor,
-            pipeline,
+            handler,
             health: Health::new(w.listen),
             background,
         }))
@@ -119,9 +126,10 @@ impl Core {
 
     fn completer(&self, settings: &Settings) -> Completer {
         Completer::new(
-            self.worker_id.clone(),
+            &self.worker_id,
             RetryPolicy::from_settings(&settings.retry),
             settings.worker.lease_duration,
+            self.handler.unkeyed_task_types(),
         )
     }
 }
@@ -172,7 +180,7 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
         StatusServer {
             health: core.health.clone(),
             pool: core.pool.clone(),
-            pipeline: core.pipeline.clone(),
+            handler: core.handler.clone(),
             running: core.running.clone(),
             concurrency: w.concurrency,
             metrics: metrics::install()?,
@@ -300,7 +308,7 @@ async fn once(
 ) -> Result<OnceResult> {
     let claimed = match job_id {
         Some(id) => {
-            producer::claim_one(
+            claim_one(
                 &core.pool,
                 &core.worker_id,
                 settings.worker.lease_duration,
@@ -350,13 +358,13 @@ async fn write_one(completer: &Completer, pool: &Pool, finished: Finished) -> Re
             .write(pool, std::slice::from_ref(&finished), 0)
             .await
         {
-            Ok(mut cycle) => match cycle.written.pop() {
-                Some(written) => {
-                    finished.after_written(&written).await;
-                    return Ok(written);
-                }
-                None => bail!("the outcome was not written"),
-            },
+            Ok(mut cycle) => {
+                let Some(written) = cycle.written.pop() else {
+                    bail!("the outcome was not written");
+                };
+                finished.after_written(&written).await;
+                return Ok(written);
+            }
             Err(e) if Instant::now() < deadline => {
                 tracing::warn!(error = %format!("{e:#}"), "could not record the outcome; retrying");
                 tokio::time::sleep(delay).await;

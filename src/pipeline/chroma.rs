@@ -15,8 +15,8 @@ use tokio::sync::Mutex;
 
 use super::embed::source_chain;
 use crate::config::ChromaSettings;
-use crate::job::JobError;
-use crate::metrics;
+use crate::observe::metrics;
+use crate::queue::JobError;
 
 /// Metadata keys on the collection that say which vectors it holds.
 const MODEL_KEY: &str = "embedding_model";

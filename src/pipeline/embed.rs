@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use crate::config::{EmbedSettings, Provider};
-use crate::metrics;
+use crate::observe::metrics;
 
 /// What the pipeline needs to know about the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@ pub mod chroma;
 pub mod chunk;
 pub mod embed;
 pub mod parse;
-pub mod samples;
+pub mod record;
 pub mod source;
 
 use std::panic::AssertUnwindSafe;
@@ -26,11 +26,13 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::config::{FileSettings, Settings};
-use crate::job::{JobError, JobSpec};
-use crate::progress::JobContext;
+use crate::queue::completer::AfterCommit;
+use crate::queue::{JobContext, JobError, JobSpec};
+use crate::store::Stage;
 use chroma::{ChromaStore, Collection, Record};
 use chunk::{Chunk, Chunker, Sizer};
 use embed::{EmbedError, Embedder};
+use record::{user_metadata, ChunkMeta};
 use source::Disposal;
 
 /// Bumped when parsing or chunking changes what a file turns into, so that
@@ -40,27 +42,6 @@ const PIPELINE_VERSION: u32 = 1;
 /// How many times one chunk may be split again after the model refused it
 /// as too long (each split at least halves it).
 const MAX_SPLIT_DEPTH: u32 = 8;
-
-/// Metadata keys docworker writes on every chunk; a job's own metadata may
-/// not use them.
-const RESERVED_KEYS: &[&str] = &[
-    "document_id",
-    "doc_id",
-    "ref_doc_id",
-    "file_name",
-    "file_type",
-    "file_hash",
-    "file_size_bytes",
-    "chunk_index",
-    "chunk_count",
-    "page",
-    "start_byte",
-    "end_byte",
-    "generation",
-    "pipeline",
-    "embedding_model",
-    "indexed_at",
-];
 
 pub struct Pipeline {
     files: FileSettings,
@@ -140,7 +121,7 @@ impl Pipeline {
     }
 
     pub async fn ingest(&self, job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
-        ctx.set_stage("parsing").await?;
+        ctx.set_stage(Stage::Parsing).await?;
         let file_path = job.file_path.as_deref().unwrap_or_default();
         let user_metadata = user_metadata(&job.options)?;
         let upload = source::resolve(&self.files, file_path)?;
@@ -168,7 +149,7 @@ impl Pipeline {
                 "note": "same file and settings as already indexed; not embedded again",
             }))
             .await?;
-            ctx.dispose_after_success(Disposal::for_settings(&self.files, &upload.named));
+            ctx.after_commit(dispose(&self.files, &upload.named));
             return Ok(());
         }
 
@@ -181,7 +162,7 @@ impl Pipeline {
         })
         .await?;
 
-        ctx.set_stage("chunking").await?;
+        ctx.set_stage(Stage::Chunking).await?;
         let chunker = self.chunker.clone();
         let limit = model.context_length.unwrap_or(usize::MAX);
         let (parsed, chunks) = blocking("chunking", self.files.parse_timeout, move || {
@@ -212,7 +193,7 @@ impl Pipeline {
             .embed_and_store(ctx, &collection, chunks, limit, &meta)
             .await?;
 
-        ctx.set_stage("storing").await?;
+        ctx.set_stage(Stage::Storing).await?;
         let removed = self
             .remove_stale(ctx, &collection, &document_id, &meta.generation)
             .await?;
@@ -223,12 +204,12 @@ impl Pipeline {
             "generation": meta.generation,
         }))
         .await?;
-        ctx.dispose_after_success(Disposal::for_settings(&self.files, &upload.named));
+        ctx.after_commit(dispose(&self.files, &upload.named));
         Ok(())
     }
 
     pub async fn delete(&self, job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
-        ctx.set_stage("deleting").await?;
+        ctx.set_stage(Stage::Deleting).await?;
         let Some(collection) = self.store.existing_collection().await? else {
             ctx.set_result(json!({ "chunks_removed": 0 })).await?;
             return Ok(());
@@ -336,7 +317,7 @@ impl Pipeline {
     ) -> Result<usize, JobError> {
         // The total first, so that no poll sees `embedding` with 0/0.
         ctx.set_progress(0, chunks.len() as i32).await?;
-        ctx.set_stage("embedding").await?;
+        ctx.set_stage(Stage::Embedding).await?;
         let total = AtomicUsize::new(chunks.len());
         let batches = batches(chunks, self.embed_batch_size, self.embed_batch_bytes);
         let (tx, mut rx) = mpsc::channel::<Vec<Embedded>>(1);
@@ -428,50 +409,6 @@ impl Pipeline {
 /// A chunk and its vector.
 type Embedded = (Chunk, Vec<f32>);
 
-/// What every chunk of one run carries.
-struct ChunkMeta {
-    document_id: String,
-    file_name: String,
-    file_type: &'static str,
-    file_hash: String,
-    file_size: usize,
-    generation: String,
-    fingerprint: String,
-    model: String,
-    indexed_at: String,
-    user: Map<String, Value>,
-}
-
-impl ChunkMeta {
-    fn record(&self, index: usize, total: usize, chunk: Chunk, embedding: Vec<f32>) -> Record {
-        let mut m = self.user.clone();
-        for key in ["document_id", "doc_id", "ref_doc_id"] {
-            m.insert(key.into(), json!(self.document_id));
-        }
-        m.insert("file_name".into(), json!(self.file_name));
-        m.insert("file_type".into(), json!(self.file_type));
-        m.insert("file_hash".into(), json!(self.file_hash));
-        m.insert("file_size_bytes".into(), json!(self.file_size));
-        m.insert("chunk_index".into(), json!(index));
-        m.insert("chunk_count".into(), json!(total));
-        if let Some(page) = chunk.page {
-            m.insert("page".into(), json!(page));
-        }
-        m.insert("start_byte".into(), json!(chunk.start));
-        m.insert("end_byte".into(), json!(chunk.end));
-        m.insert("generation".into(), json!(self.generation));
-        m.insert("pipeline".into(), json!(self.fingerprint));
-        m.insert("embedding_model".into(), json!(self.model));
-        m.insert("indexed_at".into(), json!(self.indexed_at));
-        Record {
-            id: format!("{}-{index}", self.document_id),
-            embedding,
-            document: chunk.text,
-            metadata: m,
-        }
-    }
-}
-
 /// Groups chunks into embedding requests bounded by count and total bytes.
 fn batches(chunks: Vec<Chunk>, max_count: usize, max_bytes: usize) -> Vec<Vec<Chunk>> {
     let mut out = Vec::new();
@@ -491,42 +428,10 @@ fn batches(chunks: Vec<Chunk>, max_count: usize, max_bytes: usize) -> Vec<Vec<Ch
     out
 }
 
-/// The job's own chunk metadata: `options.metadata`, flat scalars only
-/// (Chroma refuses nested values), under keys docworker does not use.
-fn user_metadata(options: &Map<String, Value>) -> Result<Map<String, Value>, JobError> {
-    let Some(given) = options.get("metadata") else {
-        return Ok(Map::new());
-    };
-    let Value::Object(given) = given else {
-        return Err(JobError::permanent(
-            "options.metadata must be a JSON object of flat values, e.g. {\"project\": \"x\"}.",
-        ));
-    };
-    let mut out = Map::new();
-    for (key, value) in given {
-        if RESERVED_KEYS.contains(&key.as_str())
-            || key.is_empty()
-            || key.starts_with('#')
-            || key.starts_with('$')
-            || key.starts_with("chroma:")
-        {
-            return Err(JobError::permanent(format!(
-                "options.metadata key {key:?} is reserved (docworker or ChromaDB uses it): rename it."
-            )));
-        }
-        match value {
-            Value::Null => {}
-            Value::Bool(_) | Value::Number(_) | Value::String(_) => {
-                out.insert(key.clone(), value.clone());
-            }
-            _ => {
-                return Err(JobError::permanent(format!(
-                    "options.metadata.{key} is not a string, number or boolean: ChromaDB metadata must be flat. Flatten it, e.g. \"{key}_name\": \"...\"."
-                )))
-            }
-        }
-    }
-    Ok(out)
+/// What `files.after_success` asks to be done with the upload, as an
+/// action the queue runs once the completion is committed.
+fn dispose(files: &FileSettings, named: &std::path::Path) -> Option<AfterCommit> {
+    Disposal::for_settings(files, named).map(|d| AfterCommit::new(move || d.apply()))
 }
 
 fn embed_error(e: EmbedError) -> JobError {
@@ -599,22 +504,5 @@ mod tests {
         assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 2, 2, 2]);
         let b = batches(vec![chunk(&"x".repeat(100))], 4, 10);
         assert_eq!(b.len(), 1, "an oversized chunk still goes, alone");
-    }
-
-    #[test]
-    fn user_metadata_must_be_flat_and_unreserved() {
-        let ok = json!({"metadata": {"project": "x", "year": 2024, "draft": false, "gone": null}});
-        let m = user_metadata(ok.as_object().unwrap()).unwrap();
-        assert_eq!(m.len(), 3);
-        for bad in [
-            json!({"metadata": {"nested": {"a": 1}}}),
-            json!({"metadata": {"list": [1, 2]}}),
-            json!({"metadata": {"document_id": "x"}}),
-            json!({"metadata": {"$and": 1}}),
-            json!({"metadata": "x"}),
-        ] {
-            let e = user_metadata(bad.as_object().unwrap()).unwrap_err();
-            assert_eq!(e.kind, crate::job::ErrorKind::Permanent, "{bad}");
-        }
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AfterSuccess, FileSettings};
-use crate::job::JobError;
+use crate::queue::JobError;
 
 /// A file read into memory, with its content hash.
 pub struct SourceFile {

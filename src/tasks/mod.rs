@@ -1,24 +1,81 @@
-//! Task handlers: the job bodies, one module per `task_type`.
+//! The task handler docworker runs: the job bodies by `task_type`.
 //!
-//! The queue engine knows nothing of documents. It validates a claimed row
-//! into a [`JobSpec`] and calls [`run`]; whatever the body returns decides the
-//! row's fate (completed, retried, failed). `ingest` and `delete` are the
-//! document pipeline's ([`crate::pipeline`]); `noop` exists to exercise and
-//! benchmark the queue itself.
+//! `ingest` and `delete` are the document pipeline's ([`crate::pipeline`]);
+//! `noop` exists to exercise and benchmark the queue itself. This is where
+//! the queue's generic facilities meet documents: `ingest` and `delete` run
+//! one job per document at a time (the queue's exclusivity key is the
+//! document id), `noop` touches no document and is exempt; readiness adds
+//! the embedder and Chroma to the queue's own checks.
 
 pub mod noop;
 
-use crate::job::{JobError, JobSpec, TaskType};
-use crate::pipeline::Pipeline;
-use crate::progress::JobContext;
+use std::sync::Arc;
 
-/// Runs a job's body. Cancellation (timeout, shutdown, SQL cancel, lost
-/// lease) drops this future, so bodies must keep no state that a drop at any
-/// `.await` would corrupt.
-pub async fn run(job: &JobSpec, ctx: &JobContext, pipeline: &Pipeline) -> Result<(), JobError> {
-    match job.task_type {
-        TaskType::Noop => noop::run(job, ctx).await,
-        TaskType::Ingest => pipeline.ingest(job, ctx).await,
-        TaskType::Delete => pipeline.delete(job, ctx).await,
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+
+use crate::pipeline::Pipeline;
+use crate::queue::health::CHECK_TIMEOUT;
+use crate::queue::{Check, JobContext, JobError, JobSpec, TaskHandler};
+
+pub const INGEST: &str = "ingest";
+pub const DELETE: &str = "delete";
+pub const NOOP: &str = "noop";
+
+pub struct DocumentTasks {
+    pub pipeline: Arc<Pipeline>,
+}
+
+impl TaskHandler for DocumentTasks {
+    fn task_types(&self) -> &[&'static str] {
+        &[INGEST, DELETE, NOOP]
     }
+
+    fn unkeyed_task_types(&self) -> &[&'static str] {
+        &[NOOP]
+    }
+
+    fn run<'a>(
+        &'a self,
+        job: &'a JobSpec,
+        ctx: &'a JobContext,
+    ) -> BoxFuture<'a, Result<(), JobError>> {
+        match job.task_type {
+            INGEST => async move {
+                if job.file_path.is_none() {
+                    return Err(JobError::permanent(
+                        "This ingest job has no file_path: set it to the uploaded file's path.",
+                    ));
+                }
+                self.pipeline.ingest(job, ctx).await
+            }
+            .boxed(),
+            DELETE => self.pipeline.delete(job, ctx).boxed(),
+            _ => noop::run(job, ctx).boxed(),
+        }
+    }
+
+    fn check_at_start(&self) -> BoxFuture<'_, ()> {
+        self.pipeline.check().boxed()
+    }
+
+    fn readiness(&self) -> BoxFuture<'_, Vec<Check>> {
+        async move {
+            let (embedder, chroma) = tokio::join!(
+                timed(self.pipeline.embedder_reachable()),
+                timed(self.pipeline.chroma_reachable())
+            );
+            vec![
+                Check::new("embedder", embedder),
+                Check::new("chroma", chroma),
+            ]
+        }
+        .boxed()
+    }
+}
+
+async fn timed(f: impl std::future::Future<Output = Result<(), String>>) -> Result<(), String> {
+    tokio::time::timeout(CHECK_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")))
 }

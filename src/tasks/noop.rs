@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::job::{JobError, JobSpec};
-use crate::progress::JobContext;
+use crate::queue::{JobContext, JobError, JobSpec};
+use crate::store::Stage;
 
 pub async fn run(job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
     let sleep_ms = whole_number(job, "sleep_ms")?;
@@ -32,7 +32,7 @@ pub async fn run(job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
     };
 
     if let Some(ms) = sleep_ms.filter(|ms| *ms > 0) {
-        ctx.set_stage("sleeping").await?;
+        ctx.set_stage(Stage::Sleeping).await?;
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let attempt = job.key.attempt as u64;

@@ -5,57 +5,26 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use docworker::completer::{Finished, Outcome, Written};
-use docworker::job::{Attempt, JobError};
-use docworker::progress::JobContext;
-use docworker::running::{StopReason, StopSignal};
-use serde_json::json;
-use tokio_postgres::Row;
+use docworker::queue::completer::{Finished, Outcome};
+use docworker::queue::job::{Attempt, JobError};
+use docworker::queue::running::{StopReason, StopSignal};
+use docworker::queue::JobContext;
+use docworker::store::{Stage, Written};
+use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::harness::{
     self, connect, exclusive, shared, timed, ActingWorker, Cluster, TestDb, WorkerProcess,
 };
+use crate::support::{install_audit, row_json, wait_row};
 
 // Helpers --------------------------------------------------------------------
-
-/// Records every claim (any update that sets `processing`) and every status
-/// change of `job_tasks` in `chaos_audit`, with the worker involved: the
-/// claimer for claims, the previous lease holder otherwise.
-async fn install_audit(db: &TestDb) {
-    db.client
-        .batch_execute(
-            "CREATE TABLE chaos_audit (
-                 seq        bigserial PRIMARY KEY,
-                 id         uuid NOT NULL,
-                 old_status text,
-                 new_status text NOT NULL,
-                 attempt    int NOT NULL,
-                 worker     text,
-                 old_lease  timestamptz,
-                 at         timestamptz NOT NULL);
-             CREATE FUNCTION chaos_audit() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 INSERT INTO chaos_audit (id, old_status, new_status, attempt, worker, old_lease, at)
-                 VALUES (NEW.id, OLD.status, NEW.status, NEW.attempt,
-                         CASE WHEN NEW.status = 'processing' THEN NEW.locked_by ELSE OLD.locked_by END,
-                         OLD.locked_until, clock_timestamp());
-                 RETURN NULL;
-             END $$;
-             CREATE TRIGGER chaos_audit AFTER UPDATE OF status ON job_tasks
-                 FOR EACH ROW
-                 WHEN (NEW.status = 'processing' OR OLD.status IS DISTINCT FROM NEW.status)
-                 EXECUTE FUNCTION chaos_audit();",
-        )
-        .await
-        .unwrap();
-}
 
 /// The audit trail of one job: (old status, new status, attempt, worker).
 async fn audit_of(db: &TestDb, id: Uuid) -> Vec<(Option<String>, String, i32, Option<String>)> {
     db.client
         .query(
-            "SELECT old_status, new_status, attempt, worker FROM chaos_audit WHERE id = $1 ORDER BY seq",
+            "SELECT old_status, new_status, attempt, worker FROM job_audit WHERE id = $1 ORDER BY seq",
             &[&id],
         )
         .await
@@ -105,15 +74,15 @@ async fn wait_first_attempt_on(
     db: &TestDb,
     id: Uuid,
     worker: &WorkerProcess,
-    cond: &str,
+    stage: Option<&str>,
 ) -> String {
-    let (_, attempt, holder) = wait_row(
-        db,
-        id,
-        &format!("status = 'processing' AND locked_by IS NOT NULL AND ({cond})"),
-        Duration::from_secs(20),
-    )
+    let row = wait_row(&db.client, id, "running", Duration::from_secs(20), |r| {
+        r["status"] == "processing"
+            && !r["locked_by"].is_null()
+            && stage.is_none_or(|s| r["stage"] == s)
+    })
     .await;
+    let (_, attempt, holder) = held(&row);
     let holder = holder.unwrap();
     assert_eq!(
         (attempt, pid_in(&holder)),
@@ -123,26 +92,13 @@ async fn wait_first_attempt_on(
     holder
 }
 
-/// Waits until job `id` matches the SQL condition `cond` (over `job_tasks t`);
-/// returns (status, attempt, locked_by).
-async fn wait_row(
-    db: &TestDb,
-    id: Uuid,
-    cond: &str,
-    timeout: Duration,
-) -> (String, i32, Option<String>) {
-    let sql = format!(
-        "SELECT status::text, attempt, locked_by FROM job_tasks t WHERE id = $1 AND ({cond})"
-    );
-    let what = format!("job {id} to satisfy `{cond}`");
-    eventually(&what, timeout, || async {
-        db.client
-            .query_opt(&sql, &[&id])
-            .await
-            .unwrap()
-            .map(|r: Row| (r.get(0), r.get(1), r.get(2)))
-    })
-    .await
+/// (status, attempt, locked_by) of a row read by `row_json`.
+fn held(row: &Value) -> (String, i32, Option<String>) {
+    (
+        row["status"].as_str().unwrap().to_owned(),
+        row["attempt"].as_i64().unwrap() as i32,
+        row["locked_by"].as_str().map(str::to_owned),
+    )
 }
 
 /// The pid inside a worker id (`{host}-{pid}-{hex}`).
@@ -234,12 +190,7 @@ async fn started_at(db: &TestDb) -> String {
 }
 
 fn finished(id: Uuid, attempt: i32, outcome: Outcome) -> Finished {
-    Finished {
-        key: Attempt { id, attempt },
-        batch_id: None,
-        outcome,
-        after_success: None,
-    }
+    Finished::new(Attempt { id, attempt }, None, outcome)
 }
 
 /// `set_stage` as (id, attempt, worker): Err, and its stop signal says LeaseLost.
@@ -258,7 +209,7 @@ async fn assert_stage_write_fenced(
         Default::default(),
         Duration::from_secs(30),
     );
-    let result = ctx.set_stage("late-write").await;
+    let result = ctx.set_stage(Stage::Parsing).await;
     assert!(
         result.is_err(),
         "a progress write as ({id}, attempt {attempt}, {worker}) was accepted"
@@ -282,7 +233,7 @@ async fn three_workers_claim_and_complete_every_job_exactly_once() {
     const JOBS: i64 = 3_000;
     let _gate = exclusive().await;
     let db = shared().database(true).await;
-    install_audit(&db).await;
+    install_audit(&db.client).await;
     let mut workers: Vec<WorkerProcess> = (0..3)
         .map(|_| WorkerProcess::spawn(&db.url, &[("DOCWORKER__WORKER__CONCURRENCY", "8")]))
         .collect();
@@ -332,19 +283,19 @@ async fn three_workers_claim_and_complete_every_job_exactly_once() {
 
     // Exactly one claim per job, all of attempt 1.
     let claims = db
-        .count("SELECT count(*) FROM chaos_audit WHERE new_status = 'processing'")
+        .count("SELECT count(*) FROM job_audit WHERE new_status = 'processing'")
         .await;
     let claimed_jobs = db
-        .count("SELECT count(DISTINCT id) FROM chaos_audit WHERE new_status = 'processing'")
+        .count("SELECT count(DISTINCT id) FROM job_audit WHERE new_status = 'processing'")
         .await;
     let max_claims = db
         .count(
-            "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM chaos_audit
+            "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM job_audit
               WHERE new_status = 'processing' GROUP BY id) c",
         )
         .await;
     let not_first = db
-        .count("SELECT count(*) FROM chaos_audit WHERE new_status = 'processing' AND attempt <> 1")
+        .count("SELECT count(*) FROM job_audit WHERE new_status = 'processing' AND attempt <> 1")
         .await;
     assert_eq!(
         (claims, claimed_jobs, max_claims, not_first),
@@ -353,11 +304,11 @@ async fn three_workers_claim_and_complete_every_job_exactly_once() {
 
     // Exactly one completion per job, by the worker that claimed it, after the
     // claim; and nothing else ever happened to any row (no hand-back, no rescue).
-    let total_events = db.count("SELECT count(*) FROM chaos_audit").await;
+    let total_events = db.count("SELECT count(*) FROM job_audit").await;
     assert_eq!(total_events, 2 * JOBS, "unexpected status changes");
     let well_formed = db
         .count(
-            "SELECT count(*) FROM chaos_audit c JOIN chaos_audit d ON d.id = c.id
+            "SELECT count(*) FROM job_audit c JOIN job_audit d ON d.id = c.id
               WHERE c.old_status = 'pending' AND c.new_status = 'processing'
                 AND d.old_status = 'processing' AND d.new_status = 'completed'
                 AND d.seq > c.seq AND d.at >= c.at AND d.worker = c.worker AND d.attempt = 1",
@@ -369,7 +320,7 @@ async fn three_workers_claim_and_complete_every_job_exactly_once() {
     let per_worker: Vec<(String, i64)> = db
         .client
         .query(
-            "SELECT worker, count(*) FROM chaos_audit WHERE new_status = 'processing'
+            "SELECT worker, count(*) FROM job_audit WHERE new_status = 'processing'
               GROUP BY worker ORDER BY 2 DESC",
             &[],
         )
@@ -396,11 +347,11 @@ async fn three_workers_claim_and_complete_every_job_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
     let db = shared().database(true).await;
-    install_audit(&db).await;
+    install_audit(&db.client).await;
     let mut a = WorkerProcess::spawn(&db.url, &[]);
     let id = db.noop_job(json!({"sleep_ms": 5000})).await;
 
-    let a_id = wait_first_attempt_on(&db, id, &a, "true").await;
+    let a_id = wait_first_attempt_on(&db, id, &a, None).await;
     a.signal("KILL");
     assert_eq!(
         a.wait_exit(Duration::from_secs(10)),
@@ -414,13 +365,15 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
     );
 
     let b = WorkerProcess::spawn(&db.url, &[]);
-    let (_, _, b_id) = wait_row(
-        &db,
+    let row = wait_row(
+        &db.client,
         id,
-        "status = 'processing' AND attempt = 2 AND stage = 'sleeping'",
+        "attempt 2 sleeping",
         Duration::from_secs(30),
+        |r| r["status"] == "processing" && r["attempt"] == 2 && r["stage"] == "sleeping",
     )
     .await;
+    let (_, _, b_id) = held(&row);
     let b_id = b_id.unwrap();
     assert_eq!(pid_in(&b_id), b.pid(), "attempt 2 was not claimed by B");
 
@@ -458,7 +411,7 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
         before, after,
         "a fenced write changed the running job's row"
     );
-    let (status, attempt, holder) = wait_row(&db, id, "true", Duration::from_secs(1)).await;
+    let (status, attempt, holder) = held(&row_json(&db.client, id).await);
     assert_eq!(
         (status.as_str(), attempt, holder.as_deref()),
         ("processing", 2, Some(b_id.as_str()))
@@ -474,14 +427,14 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
         Default::default(),
         Duration::from_secs(30),
     );
-    ctx.set_stage("probe").await.unwrap();
+    ctx.set_stage(Stage::Storing).await.unwrap();
     let stage: String = db
         .client
         .query_one("SELECT stage FROM job_tasks WHERE id = $1", &[&id])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(stage, "probe");
+    assert_eq!(stage, "storing");
 
     db.wait_status(id, "completed", Duration::from_secs(30))
         .await;
@@ -522,7 +475,7 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
         ]
     );
     let rescued_late = db
-        .count("SELECT count(*) FROM chaos_audit WHERE new_status = 'pending' AND at > old_lease")
+        .count("SELECT count(*) FROM job_audit WHERE new_status = 'pending' AND at > old_lease")
         .await;
     assert_eq!(
         rescued_late, 1,
@@ -542,7 +495,7 @@ async fn sigkilled_worker_job_is_rescued_and_its_late_writes_are_fenced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_lease_with_no_attempts_left_ends_in_error() {
     let db = shared().database(true).await;
-    install_audit(&db).await;
+    install_audit(&db.client).await;
     let mut a = WorkerProcess::spawn(&db.url, &[]);
     let id: Uuid = db
         .client
@@ -554,7 +507,7 @@ async fn expired_lease_with_no_attempts_left_ends_in_error() {
         .await
         .unwrap()
         .get(0);
-    let a_id = wait_first_attempt_on(&db, id, &a, "stage = 'sleeping'").await;
+    let a_id = wait_first_attempt_on(&db, id, &a, Some("sleeping")).await;
     a.signal("KILL");
     assert_eq!(
         a.wait_exit(Duration::from_secs(10)),
@@ -564,7 +517,10 @@ async fn expired_lease_with_no_attempts_left_ends_in_error() {
 
     let b = WorkerProcess::spawn(&db.url, &[]);
     b.wait_log("ready", Duration::from_secs(15)).await;
-    wait_row(&db, id, "status = 'error'", Duration::from_secs(30)).await;
+    wait_row(&db.client, id, "error", Duration::from_secs(30), |r| {
+        r["status"] == "error"
+    })
+    .await;
     b.wait_log(
         "reclaimed a job whose lease expired",
         Duration::from_secs(5),
@@ -611,7 +567,7 @@ async fn expired_lease_with_no_attempts_left_ends_in_error() {
         ]
     );
     assert_eq!(
-        db.count("SELECT count(*) FROM chaos_audit WHERE new_status = 'error' AND at > old_lease")
+        db.count("SELECT count(*) FROM job_audit WHERE new_status = 'error' AND at > old_lease")
             .await,
         1,
         "the job was failed before A's lease expired"
@@ -623,22 +579,24 @@ async fn expired_lease_with_no_attempts_left_ends_in_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_worker_late_write_is_refused() {
     let db = shared().database(true).await;
-    install_audit(&db).await;
+    install_audit(&db.client).await;
     let mut a = WorkerProcess::spawn(&db.url, &[]);
     let id = db.noop_job(json!({"sleep_ms": 4000})).await;
     // Paused inside the body's sleep, so that on waking the body has finished
     // and A tries to record its outcome.
-    let a_id = wait_first_attempt_on(&db, id, &a, "stage = 'sleeping'").await;
+    let a_id = wait_first_attempt_on(&db, id, &a, Some("sleeping")).await;
     a.signal("STOP");
 
     let b = WorkerProcess::spawn(&db.url, &[]);
-    let (_, _, b_id) = wait_row(
-        &db,
+    let row = wait_row(
+        &db.client,
         id,
-        "status = 'processing' AND attempt = 2",
+        "attempt 2 running",
         Duration::from_secs(30),
+        |r| r["status"] == "processing" && r["attempt"] == 2,
     )
     .await;
+    let (_, _, b_id) = held(&row);
     let b_id = b_id.unwrap();
     assert_eq!(pid_in(&b_id), b.pid());
     db.wait_status(id, "completed", Duration::from_secs(30))
@@ -674,7 +632,7 @@ async fn paused_worker_late_write_is_refused() {
             (s("processing"), "completed".into(), 2, s(&b_id)),
         ]
     );
-    let (status, attempt, _) = wait_row(&db, id, "true", Duration::from_secs(1)).await;
+    let (status, attempt, _) = held(&row_json(&db.client, id).await);
     assert_eq!((status.as_str(), attempt), ("completed", 2));
     // A did try to record its outcome, and learnt that the job was not its own.
     let logs = a.logs();
@@ -1085,8 +1043,11 @@ async fn sigterm_finishes_short_jobs_and_hands_back_long_ones() {
 
     // A second worker with a long grace takes the long job (attempt 1 again)...
     let mut w2 = WorkerProcess::spawn(&db.url, &[("DOCWORKER__WORKER__SHUTDOWN_GRACE", "60s")]);
-    let (_, attempt, holder) =
-        wait_row(&db, long, "status = 'processing'", Duration::from_secs(20)).await;
+    let row = wait_row(&db.client, long, "running", Duration::from_secs(20), |r| {
+        r["status"] == "processing"
+    })
+    .await;
+    let (_, attempt, holder) = held(&row);
     assert_eq!(attempt, 1, "the hand-back used up an attempt");
     let holder = holder.unwrap();
     assert_eq!(pid_in(&holder), w2.pid());
@@ -1109,7 +1070,7 @@ async fn sigterm_finishes_short_jobs_and_hands_back_long_ones() {
     );
     // Exiting at once hands nothing back: the row is exactly as w2 held it
     // (it comes back only by lease expiry).
-    let (status, attempt, locked_by) = wait_row(&db, long, "true", Duration::from_secs(1)).await;
+    let (status, attempt, locked_by) = held(&row_json(&db.client, long).await);
     assert_eq!(
         (status.as_str(), attempt, locked_by.as_deref()),
         ("processing", 1, Some(holder.as_str())),

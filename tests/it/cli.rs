@@ -9,25 +9,9 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::harness::{
-    run_command, run_worker, shared, Cluster, TestDb, WorkerProcess, COMMAND_DEADLINE, WORKER,
+    run_command, shared, Cluster, TestDb, WorkerProcess, COMMAND_DEADLINE, WORKER,
 };
-
-/// `run_worker` (FAST settings, DATABASE_URL) off the async threads.
-async fn worker(url: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let url = url.to_owned();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        run_worker(&url, &args, &env)
-    })
-    .await
-    .unwrap()
-}
+use crate::support::worker;
 
 /// The binary with exactly `env` (no FAST settings, no DATABASE_URL unless
 /// given), optionally in `cwd`: for configuration files and relative paths.

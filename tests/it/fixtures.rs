@@ -1,3 +1,3 @@
-//! Sample documents for the tests: see `docworker::pipeline::samples`.
+//! Sample documents for the tests: see `docworker::samples`.
 
-pub use docworker::pipeline::samples::*;
+pub use docworker::samples::*;

@@ -237,7 +237,9 @@ impl Cluster {
         });
         let mut client = connect(&url).await;
         if migrate {
-            docworker::schema::migrate(&mut client).await.unwrap();
+            docworker::store::schema::migrate(&mut client)
+                .await
+                .unwrap();
         }
         TestDb {
             url,
@@ -691,27 +693,28 @@ pub fn pool(url: &str) -> deadpool_postgres::Pool {
 /// worker id: claims as that worker would and records outcomes as it would
 /// (a late one included).
 pub struct ActingWorker {
-    completer: docworker::completer::Completer,
+    completer: docworker::queue::completer::Completer,
     pool: deadpool_postgres::Pool,
 }
 
 impl ActingWorker {
     pub fn new(url: &str, worker_id: &str) -> ActingWorker {
         ActingWorker {
-            completer: docworker::completer::Completer::new(
-                worker_id.into(),
-                docworker::retry::RetryPolicy {
+            completer: docworker::queue::completer::Completer::new(
+                worker_id,
+                docworker::queue::retry::RetryPolicy {
                     base_delay: Duration::from_millis(200),
                     max_delay: Duration::from_secs(2),
                 },
                 Duration::from_secs(30),
+                &[docworker::tasks::NOOP],
             ),
             pool: pool(url),
         }
     }
 
     /// Claims up to `limit` due jobs.
-    pub async fn claim(&self, limit: i64) -> Vec<docworker::job::ClaimedJob> {
+    pub async fn claim(&self, limit: i64) -> Vec<docworker::store::ClaimedJob> {
         self.completer
             .write(&self.pool, &[], limit)
             .await
@@ -722,8 +725,8 @@ impl ActingWorker {
     /// Records one outcome (claiming nothing); returns what became of it.
     pub async fn record(
         &self,
-        finished: docworker::completer::Finished,
-    ) -> Option<docworker::completer::Written> {
+        finished: docworker::queue::completer::Finished,
+    ) -> Option<docworker::store::Written> {
         let mut cycle = self
             .completer
             .write(&self.pool, std::slice::from_ref(&finished), 0)

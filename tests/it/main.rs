@@ -5,7 +5,9 @@ mod fixtures;
 mod harness;
 mod services;
 mod stack;
+mod support;
 
+mod architecture;
 mod chaos;
 mod cli;
 mod examples;

@@ -5,26 +5,17 @@
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use docworker::completer::{Finished, Outcome, Written};
-use docworker::job::{ClaimedJob, JobError};
+use docworker::queue::completer::{Finished, Outcome};
+use docworker::queue::job::JobError;
+use docworker::store::{ClaimedJob, JobStatus, Written};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::harness::{connect, exclusive, run_worker, shared, ActingWorker, TestDb, WorkerProcess};
+use crate::support::worker;
 
-/// `run_worker` off the async threads.
-async fn worker(url: &str, args: &[&str]) -> (i32, String, String) {
-    let url = url.to_owned();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_worker(&url, &args, &[])
-    })
-    .await
-    .unwrap()
-}
-
+/// One value from a query that must return one row.
 async fn one<T>(client: &Client, sql: &str) -> T
 where
     T: for<'a> tokio_postgres::types::FromSql<'a>,
@@ -98,12 +89,12 @@ async fn migrate_creates_everything_then_says_up_to_date() {
     let db = shared().database(false).await;
     assert!(!exists(&db.client, "job_tasks").await);
 
-    let (code, out, err) = worker(&db.url, &["migrate"]).await;
+    let (code, out, err) = worker(&db.url, &["migrate"], &[]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     assert!(out.contains("applied migrations [1, 2, 3]"), "{out}");
     assert_schema_complete(&db.client).await;
 
-    let (code, out, err) = worker(&db.url, &["migrate"]).await;
+    let (code, out, err) = worker(&db.url, &["migrate"], &[]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     assert!(out.contains("schema is up to date (version 3)"), "{out}");
 
@@ -259,7 +250,7 @@ async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
     .unwrap();
     let before = legacy_snapshot(c).await;
 
-    let (code, out, err) = worker(&db.url, &["migrate"]).await;
+    let (code, out, err) = worker(&db.url, &["migrate"], &[]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     assert!(out.contains("applied migrations [1, 2, 3]"), "{out}");
     assert_schema_complete(c).await;
@@ -492,18 +483,13 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
                     Outcome::Failed(JobError::permanent("planned failure"))
                 };
                 let written = completer
-                    .record(Finished {
-                        key: job.key,
-                        batch_id: job.batch_id,
-                        outcome,
-                        after_success: None,
-                    })
+                    .record(Finished::new(job.key, job.batch_id, outcome))
                     .await;
                 let want = if planned[i] { "completed" } else { "error" };
                 assert_eq!(
                     written,
                     Some(Written::Applied {
-                        status: want.into(),
+                        status: want.parse().unwrap(),
                         retry_in: None
                     })
                 );
@@ -536,12 +522,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
     let (batch, ids) = enqueue_noops(c, 2).await;
     for job in claim_all(&db.url, 10).await {
         let written = completer
-            .record(Finished {
-                key: job.key,
-                batch_id: job.batch_id,
-                outcome: Outcome::Completed,
-                after_success: None,
-            })
+            .record(Finished::new(job.key, job.batch_id, Outcome::Completed))
             .await;
         assert!(matches!(written, Some(Written::Applied { .. })));
     }
@@ -588,12 +569,11 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].key.id, ids[1]);
     completer
-        .record(Finished {
-            key: claimed[0].key,
-            batch_id: claimed[0].batch_id,
-            outcome: Outcome::Completed,
-            after_success: None,
-        })
+        .record(Finished::new(
+            claimed[0].key,
+            claimed[0].batch_id,
+            Outcome::Completed,
+        ))
         .await
         .unwrap();
     assert_eq!(
@@ -605,19 +585,14 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
 /// Writes `outcome` for `job` with the daemon's completer; returns the new status.
 async fn finish(completer: &ActingWorker, job: &ClaimedJob, outcome: Outcome) -> Written {
     completer
-        .record(Finished {
-            key: job.key,
-            batch_id: job.batch_id,
-            outcome,
-            after_success: None,
-        })
+        .record(Finished::new(job.key, job.batch_id, outcome))
         .await
         .expect("one outcome written")
 }
 
 fn applied(status: &str) -> Written {
     Written::Applied {
-        status: status.into(),
+        status: status.parse().unwrap(),
         retry_in: None,
     }
 }
@@ -684,7 +659,7 @@ async fn a_task_waiting_for_its_retry_keeps_its_batch_pending() {
     )
     .await;
     assert!(
-        matches!(&written, Written::Applied { status, retry_in: Some(_) } if status == "pending"),
+        matches!(&written, Written::Applied { status, retry_in: Some(_) } if *status == JobStatus::Pending),
         "{written:?}"
     );
     let row = c
@@ -948,7 +923,7 @@ async fn the_claim_reads_only_the_partial_index_among_a_million_finished_rows() 
     );
 
     // The daemon's write cycle with nothing to record and one job to claim.
-    let mut sql = docworker::completer::complete_and_claim_sql("1");
+    let mut sql = docworker::store::cycle::statement("1", &[docworker::tasks::NOOP]);
     for (param, value) in [
         ("$9", "30"),
         ("$8", "'explain-worker'"),

@@ -15,40 +15,11 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 use uuid::Uuid;
 
 use crate::harness::{shared, timed, TestDb, WorkerProcess};
+use crate::support::{install_audit, row_json, wait_row};
 
-use docworker::retry::RetryPolicy;
+use docworker::queue::retry::RetryPolicy;
 
 // Helpers ------------------------------------------------------------------------
-
-/// Records every status change of a job, in order, from a trigger: `tx_at` is
-/// the writing transaction's now() (what the worker stores in started_at and
-/// errors[].at), `at` the wall clock of the write.
-async fn install_audit(db: &TestDb) {
-    db.client
-        .batch_execute(
-            "CREATE TABLE status_audit (
-                 seq       bigserial PRIMARY KEY,
-                 id        uuid NOT NULL,
-                 status    text NOT NULL,
-                 attempt   int NOT NULL,
-                 run_at    timestamptz NOT NULL,
-                 locked_by text,
-                 tx_at     timestamptz NOT NULL,
-                 at        timestamptz NOT NULL);
-             CREATE FUNCTION status_audit() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 INSERT INTO status_audit (id, status, attempt, run_at, locked_by, tx_at, at)
-                 VALUES (NEW.id, NEW.status, NEW.attempt, NEW.run_at, NEW.locked_by,
-                         now(), clock_timestamp());
-                 RETURN NULL;
-             END $$;
-             CREATE TRIGGER status_audit AFTER UPDATE OF status ON job_tasks
-                 FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
-                 EXECUTE FUNCTION status_audit();",
-        )
-        .await
-        .unwrap();
-}
 
 /// One recorded transition; times are epoch seconds.
 #[derive(Debug, Clone)]
@@ -64,9 +35,11 @@ struct Transition {
 async fn transitions(db: &TestDb, id: Uuid) -> Vec<Transition> {
     db.client
         .query(
-            "SELECT status, attempt, extract(epoch FROM run_at)::float8, locked_by,
+            "SELECT new_status, attempt, extract(epoch FROM run_at)::float8, locked_by,
                     extract(epoch FROM tx_at)::float8, extract(epoch FROM at)::float8
-               FROM status_audit WHERE id = $1 ORDER BY seq",
+               FROM job_audit
+              WHERE id = $1 AND old_status IS DISTINCT FROM new_status
+              ORDER BY seq",
             &[&id],
         )
         .await
@@ -102,15 +75,6 @@ async fn epoch(db: &TestDb, column: &str, id: Uuid) -> f64 {
     v.unwrap_or_else(|| panic!("job {id} has no {column}"))
 }
 
-/// The row as JSON, for assertion messages and field checks.
-async fn row_json(db: &TestDb, id: Uuid) -> Value {
-    db.client
-        .query_one("SELECT to_jsonb(t) FROM job_tasks t WHERE id = $1", &[&id])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// Inserts one job with the given task type, options and extra columns.
 async fn insert_job(db: &TestDb, task_type: &str, options: Value, max_attempts: i32) -> Uuid {
     db.client
@@ -122,27 +86,6 @@ async fn insert_job(db: &TestDb, task_type: &str, options: Value, max_attempts: 
         .await
         .unwrap()
         .get(0)
-}
-
-/// Waits until `check` holds for the job's row (as JSON), or panics.
-async fn wait_row(
-    db: &TestDb,
-    id: Uuid,
-    what: &str,
-    timeout: Duration,
-    check: impl Fn(&Value) -> bool,
-) -> Value {
-    let start = Instant::now();
-    loop {
-        let row = row_json(db, id).await;
-        if check(&row) {
-            return row;
-        }
-        if start.elapsed() > timeout {
-            panic!("waited {timeout:?} for job {id} to be {what}; row: {row:#}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn assert_alive(w: &mut WorkerProcess) {
@@ -196,7 +139,7 @@ impl Listener {
 async fn transient_failures_wait_within_the_backoff_bounds_without_holding_a_slot() {
     let _gate = timed().await;
     let db = shared().database(true).await;
-    install_audit(&db).await;
+    install_audit(&db.client).await;
     // Waits of 1.5-2s after attempt 1 and 3-4s after attempt 2: the second
     // wait leaves the test two seconds or more to see it and enqueue into it.
     let policy = RetryPolicy {
@@ -281,13 +224,13 @@ async fn transient_failures_wait_within_the_backoff_bounds_without_holding_a_slo
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "job did not complete in time; row: {:#}\nlog:\n{}",
-            row_json(&db, id).await,
+            row_json(&db.client, id).await,
             w.logs()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let row = row_json(&db, id).await;
+    let row = row_json(&db.client, id).await;
     assert_eq!(row["attempt"], 3, "{row:#}");
     assert_eq!(row["error_message"], Value::Null, "{row:#}");
     let errors = row["errors"]
@@ -420,7 +363,7 @@ async fn permanent_failures_are_final_and_transient_ones_give_up_after_max_attem
     db.wait_status(transient, "error", Duration::from_secs(15))
         .await;
 
-    let p = row_json(&db, permanent).await;
+    let p = row_json(&db.client, permanent).await;
     assert_eq!(p["attempt"], 1, "a permanent failure is not retried: {p:#}");
     assert_eq!(
         p["error_message"], "noop job asked to fail on attempt 1 (options.fail).",
@@ -436,7 +379,7 @@ async fn permanent_failures_are_final_and_transient_ones_give_up_after_max_attem
         "{p:#}"
     );
 
-    let t = row_json(&db, transient).await;
+    let t = row_json(&db.client, transient).await;
     assert_eq!(t["attempt"], 2, "{t:#}");
     let message = t["error_message"].as_str().unwrap();
     assert!(message.starts_with("Gave up after 2 attempts"), "{message}");
@@ -458,9 +401,9 @@ async fn permanent_failures_are_final_and_transient_ones_give_up_after_max_attem
     // Final means final: nothing runs them again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(db.status(permanent).await, "error");
-    assert_eq!(row_json(&db, permanent).await["attempt"], 1);
+    assert_eq!(row_json(&db.client, permanent).await["attempt"], 1);
     assert_eq!(db.status(transient).await, "error");
-    assert_eq!(row_json(&db, transient).await["attempt"], 2);
+    assert_eq!(row_json(&db.client, transient).await["attempt"], 2);
 }
 
 // 3. Timeouts -----------------------------------------------------------------------
@@ -482,7 +425,7 @@ async fn a_job_over_its_timeout_is_stopped_and_frees_its_slot() {
     let behind = db.noop_job(json!({})).await;
 
     db.wait_status(slow, "error", Duration::from_secs(10)).await;
-    let row = row_json(&db, slow).await;
+    let row = row_json(&db.client, slow).await;
     let message = row["error_message"].as_str().unwrap();
     assert!(message.contains("worker.job_timeout"), "{message}");
     assert!(message.starts_with("Gave up after 1 attempts"), "{message}");
@@ -526,9 +469,13 @@ async fn cancel_stops_the_body(listen: bool, limit: f64) {
     }
     let mut w = WorkerProcess::spawn(&db.url, &env);
     let first = db.noop_job(json!({"sleep_ms": 60000})).await;
-    wait_row(&db, first, "sleeping", Duration::from_secs(15), |r| {
-        r["status"] == "processing" && r["stage"] == "sleeping"
-    })
+    wait_row(
+        &db.client,
+        first,
+        "sleeping",
+        Duration::from_secs(15),
+        |r| r["status"] == "processing" && r["stage"] == "sleeping",
+    )
     .await;
     let second = db.noop_job(json!({"sleep_ms": 60000})).await;
 
@@ -543,25 +490,33 @@ async fn cancel_stops_the_body(listen: bool, limit: f64) {
         )
         .await
         .unwrap();
-    let first_row = row_json(&db, first).await;
+    let first_row = row_json(&db.client, first).await;
     db.client.batch_execute("COMMIT").await.unwrap();
     assert!(
         r.get::<_, bool>(0),
         "docworker_cancel found the running job"
     );
     let cancelled_at: f64 = r.get(1);
-    let started = wait_row(&db, second, "started", Duration::from_secs(10), |r| {
-        r["status"] == "processing"
-    })
+    let started = wait_row(
+        &db.client,
+        second,
+        "started",
+        Duration::from_secs(10),
+        |r| r["status"] == "processing",
+    )
     .await;
     let latency = epoch(&db, "started_at", second).await - cancelled_at;
     assert!(
         latency < limit,
         "listen={listen}: the next job started {latency:.3}s after docworker_cancel (limit {limit}s); {started:#}"
     );
-    wait_row(&db, second, "sleeping", Duration::from_secs(5), |r| {
-        r["stage"] == "sleeping"
-    })
+    wait_row(
+        &db.client,
+        second,
+        "sleeping",
+        Duration::from_secs(5),
+        |r| r["stage"] == "sleeping",
+    )
     .await;
     let third = db.noop_job(json!({})).await;
 
@@ -588,12 +543,12 @@ async fn cancel_stops_the_body(listen: bool, limit: f64) {
     // The worker writes nothing over a cancelled row, not even later.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
-        row_json(&db, first).await,
+        row_json(&db.client, first).await,
         first_row,
         "the cancelled row was written to"
     );
     assert_eq!(
-        row_json(&db, second).await,
+        row_json(&db.client, second).await,
         second_row,
         "the cancelled row was written to"
     );
@@ -694,11 +649,11 @@ async fn bad_rows_end_in_error_with_a_clear_message_and_the_daemon_keeps_serving
             assert!(
                 start.elapsed() < Duration::from_secs(15),
                 "{what}: not in error; row: {:#}",
-                row_json(&db, *id).await
+                row_json(&db.client, *id).await
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let row = row_json(&db, *id).await;
+        let row = row_json(&db.client, *id).await;
         let message = row["error_message"].as_str().unwrap_or_default();
         for word in *words {
             assert!(
@@ -860,7 +815,7 @@ async fn rows_due_later_wake_nobody_and_are_not_claimed_early() {
         assert!(
             start.elapsed() < Duration::from_secs(15),
             "the row due in 2s was not completed; row: {:#}",
-            row_json(&db, later).await
+            row_json(&db.client, later).await
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -1053,7 +1008,7 @@ async fn old_finished_rows_and_batches_are_pruned_and_the_rest_kept() {
 async fn a_running_job_shows_its_stage_and_times() {
     let db = shared().database(true).await;
     let id = db.noop_job(json!({"sleep_ms": 1500})).await;
-    let before = row_json(&db, id).await;
+    let before = row_json(&db.client, id).await;
     assert_eq!(before["status"], "pending");
     for field in [
         "started_at",
@@ -1069,7 +1024,7 @@ async fn a_running_job_shows_its_stage_and_times() {
     }
 
     let _w = WorkerProcess::spawn(&db.url, &[]);
-    let running = wait_row(&db, id, "sleeping", Duration::from_secs(15), |r| {
+    let running = wait_row(&db.client, id, "sleeping", Duration::from_secs(15), |r| {
         r["status"] == "processing" && r["stage"] == "sleeping"
     })
     .await;
@@ -1082,7 +1037,7 @@ async fn a_running_job_shows_its_stage_and_times() {
 
     db.wait_status(id, "completed", Duration::from_secs(10))
         .await;
-    let done = row_json(&db, id).await;
+    let done = row_json(&db.client, id).await;
     assert_eq!(done["stage"], "done", "{done:#}");
     assert!(
         done["locked_by"].is_null() && done["locked_until"].is_null(),

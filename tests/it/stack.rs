@@ -219,27 +219,6 @@ impl Stack {
         }
     }
 
-    /// Waits until `pred` holds for the job's row; returns that row.
-    pub async fn wait_row(
-        &self,
-        id: Uuid,
-        deadline: Duration,
-        what: &str,
-        pred: impl Fn(&TaskRow) -> bool,
-    ) -> TaskRow {
-        let start = Instant::now();
-        loop {
-            let row = self.row(id).await;
-            if pred(&row) {
-                return row;
-            }
-            if start.elapsed() > deadline {
-                panic!("job {id}: waited {deadline:?} for {what}: {row:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     /// The collection's records of one document: (id, metadata), sorted by
     /// chunk_index.
     pub async fn chunks_of(&self, document_id: Uuid) -> Vec<(String, Value)> {

@@ -16,7 +16,7 @@ mod detect;
 mod docx;
 /// Test documents built in code, shared with the integration tests.
 #[cfg(test)]
-use super::samples as fixtures;
+use crate::samples as fixtures;
 mod html;
 mod json;
 mod pdf;

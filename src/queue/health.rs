@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 
-use crate::pipeline::Pipeline;
+use super::handler::{Check, TaskHandler};
 
 /// The producer's loop turns at least this often, even when idle.
 pub const BEAT_EVERY: Duration = Duration::from_secs(1);
 /// A main loop silent for longer than this is considered stalled.
 pub const STALLED_AFTER: Duration = Duration::from_secs(30);
-/// Each readiness check gets this long.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Each readiness check gets this long (a handler's checks too).
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Health {
     started: Instant,
@@ -31,14 +31,6 @@ pub struct Health {
     listen: bool,
     listening: AtomicBool,
     listening_changed: Notify,
-}
-
-/// One readiness check's result.
-#[derive(Debug, Clone)]
-pub struct Check {
-    pub name: &'static str,
-    pub ok: bool,
-    pub detail: String,
 }
 
 impl Health {
@@ -87,7 +79,8 @@ impl Health {
     }
 
     /// Every readiness check, run concurrently.
-    pub async fn readiness(&self, pool: &Pool, pipeline: &Pipeline) -> Vec<Check> {
+    /// The queue's own (database, LISTEN) and then the handler's.
+    pub async fn readiness(&self, pool: &Pool, handler: &dyn TaskHandler) -> Vec<Check> {
         let database = async {
             let result = tokio::time::timeout(CHECK_TIMEOUT, async {
                 let client = pool.get().await.map_err(|e| e.to_string())?;
@@ -98,9 +91,9 @@ impl Health {
             })
             .await;
             match result {
-                Ok(Ok(_)) => check("database", Ok(())),
-                Ok(Err(e)) => check("database", Err(e)),
-                Err(_) => check(
+                Ok(Ok(_)) => Check::new("database", Ok(())),
+                Ok(Err(e)) => Check::new("database", Err(e)),
+                Err(_) => Check::new(
                     "database",
                     Err(format!("no answer within {CHECK_TIMEOUT:?}")),
                 ),
@@ -112,32 +105,37 @@ impl Health {
             } else {
                 Err("the LISTEN connection is down; polling until it is back".to_string())
             };
-            check("listener", state)
+            Check::new("listener", state)
         };
-        let embedder = async { check("embedder", timed(pipeline.embedder_reachable()).await) };
-        let chroma = async { check("chroma", timed(pipeline.chroma_reachable()).await) };
-        let (a, b, c, d) = tokio::join!(database, listener, embedder, chroma);
-        vec![a, b, c, d]
+        let (a, b, mut theirs) = tokio::join!(database, listener, handler.readiness());
+        let mut checks = vec![a, b];
+        checks.append(&mut theirs);
+        checks
     }
 }
 
-async fn timed(f: impl std::future::Future<Output = Result<(), String>>) -> Result<(), String> {
-    tokio::time::timeout(CHECK_TIMEOUT, f)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn check(name: &'static str, result: Result<(), String>) -> Check {
-    match result {
-        Ok(()) => Check {
-            name,
-            ok: true,
-            detail: "ok".into(),
-        },
-        Err(detail) => Check {
-            name,
-            ok: false,
-            detail,
-        },
+    #[tokio::test]
+    async fn listening_up_waits_for_listen_and_not_in_poll_only_mode() {
+        let polling = Health::new(false);
+        tokio::time::timeout(Duration::from_millis(100), polling.listening_up())
+            .await
+            .expect("poll-only mode is ready at once");
+
+        let listening = Health::new(true);
+        let waiter = tokio::spawn({
+            let h = listening.clone();
+            async move { h.listening_up().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        listening.set_listening(true);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("ready once LISTEN is up")
+            .unwrap();
     }
 }

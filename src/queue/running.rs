@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::job::Attempt;
+use super::job::Attempt;
 
 /// Why a running body was stopped before it returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,5 +154,78 @@ impl RunningJobs {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Entry>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u128, attempt: i32) -> Attempt {
+        Attempt {
+            id: Uuid::from_u128(n),
+            attempt,
+        }
+    }
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn a_lease_runs_from_the_claim_and_a_renewal_only_extends_it() {
+        let jobs = RunningJobs::default();
+        let claimed = Instant::now();
+        jobs.insert(key(1, 1), StopSignal::default(), claimed, LEASE);
+        let left = jobs.lease_left(key(1, 1)).unwrap();
+        assert!(
+            left <= LEASE && left > LEASE - Duration::from_secs(5),
+            "{left:?}"
+        );
+        // A renewal sent before the claim (a slow statement) must not shorten it.
+        jobs.renewed(&[key(1, 1)], claimed - Duration::from_secs(20), LEASE);
+        assert!(jobs.lease_left(key(1, 1)).unwrap() > LEASE - Duration::from_secs(5));
+        // A later one extends it.
+        jobs.renewed(&[key(1, 1)], claimed + Duration::from_secs(20), LEASE);
+        assert!(jobs.lease_left(key(1, 1)).unwrap() > LEASE);
+        // Another attempt of the same job is not this one.
+        assert_eq!(jobs.lease_left(key(1, 2)), None);
+    }
+
+    #[test]
+    fn jobs_whose_lease_may_lapse_before_the_next_tick_are_stopped() {
+        let jobs = RunningJobs::default();
+        let now = Instant::now();
+        let (old, fresh) = (StopSignal::default(), StopSignal::default());
+        jobs.insert(key(1, 1), old.clone(), now - Duration::from_secs(25), LEASE);
+        jobs.insert(key(2, 1), fresh.clone(), now, LEASE);
+        let heartbeat = Duration::from_secs(10);
+        let stopped = jobs.stop_expiring(now + heartbeat);
+        assert_eq!(stopped, vec![Uuid::from_u128(1)]);
+        assert_eq!(old.reason(), Some(StopReason::LeaseLost));
+        assert_eq!(fresh.reason(), None);
+    }
+
+    #[test]
+    fn the_first_stop_reason_wins_and_a_stale_attempt_is_left_alone() {
+        let jobs = RunningJobs::default();
+        let stop = StopSignal::default();
+        jobs.insert(key(1, 2), stop.clone(), Instant::now(), LEASE);
+        assert!(!jobs.stop(key(1, 1), StopReason::Cancelled));
+        assert!(jobs.stop(key(1, 2), StopReason::Shutdown));
+        jobs.stop_all(StopReason::LeaseLost);
+        assert_eq!(stop.reason(), Some(StopReason::Shutdown));
+        jobs.remove(key(1, 1));
+        assert_eq!(jobs.len(), 1, "removing another attempt keeps this one");
+        jobs.remove(key(1, 2));
+        assert!(jobs.is_empty());
+    }
+
+    #[test]
+    fn a_second_insert_of_one_job_stops_the_first_body() {
+        let jobs = RunningJobs::default();
+        let first = StopSignal::default();
+        jobs.insert(key(1, 1), first.clone(), Instant::now(), LEASE);
+        jobs.insert(key(1, 2), StopSignal::default(), Instant::now(), LEASE);
+        assert_eq!(first.reason(), Some(StopReason::LeaseLost));
+        assert_eq!(jobs.snapshot(), vec![key(1, 2)]);
     }
 }

@@ -14,9 +14,9 @@ use tokio::sync::{mpsc, Notify};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
+use super::health::Health;
 use crate::config::DatabaseSettings;
-use crate::health::Health;
-use crate::metrics;
+use crate::observe::metrics;
 
 /// New or due jobs; payload is empty.
 pub const JOBS_CHANNEL: &str = "docworker_jobs";

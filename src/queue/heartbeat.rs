@@ -17,25 +17,10 @@ use anyhow::Result;
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use crate::job::Attempt;
-use crate::running::{RunningJobs, StopReason};
-
-const RENEW_SQL: &str = "
-WITH mine AS (
-    SELECT * FROM unnest($1::uuid[], $2::int[]) AS m(id, attempt)
-), renewed AS (
-    UPDATE job_tasks t
-       SET locked_until = now() + make_interval(secs => $3::float8), heartbeat_at = now()
-      FROM mine
-     WHERE t.id = mine.id AND t.attempt = mine.attempt
-       AND t.locked_by = $4 AND t.status = 'processing'
-    RETURNING t.id
-)
-SELECT m.id, m.attempt, t.status::text
-  FROM mine m LEFT JOIN job_tasks t ON t.id = m.id
- WHERE m.id NOT IN (SELECT id FROM renewed)";
+use super::running::{RunningJobs, StopReason};
+use crate::store::fence::renew_leases;
+use crate::store::JobStatus;
 
 pub struct Heartbeat {
     pub pool: Pool,
@@ -82,31 +67,19 @@ impl Heartbeat {
         if keys.is_empty() {
             return Ok(());
         }
-        let ids: Vec<Uuid> = keys.iter().map(|k| k.id).collect();
-        let attempts: Vec<i32> = keys.iter().map(|k| k.attempt).collect();
-        let lease = self.lease.as_secs_f64();
-        let worker_id: &str = &self.worker_id;
         let sent_at = Instant::now();
-        let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(RENEW_SQL).await?;
-        let lost = client
-            .query(&stmt, &[&ids, &attempts, &lease, &worker_id])
-            .await?;
+        let lost = renew_leases(&self.pool, &self.worker_id, &keys, self.lease).await?;
         let mut renewed = keys;
-        for row in &lost {
-            let key = Attempt {
-                id: row.get(0),
-                attempt: row.get(1),
-            };
-            let status: Option<String> = row.get(2);
+        for lost in lost {
+            let key = lost.key;
             renewed.retain(|r| *r != key);
             // A job that finished since the snapshot is simply gone: no news.
-            if status.as_deref() == Some("cancelled") {
+            if lost.status == Some(JobStatus::Cancelled) {
                 if self.running.stop(key, StopReason::Cancelled) {
                     tracing::info!(job = %key.id, "job was cancelled; stopping it");
                 }
             } else if self.running.stop(key, StopReason::LeaseLost) {
-                tracing::warn!(job = %key.id, status = ?status, "job is no longer ours (its lease expired and another worker took it, or it was changed from outside); stopping it");
+                tracing::warn!(job = %key.id, status = ?lost.status.map(JobStatus::as_str), "job is no longer ours (its lease expired and another worker took it, or it was changed from outside); stopping it");
             }
         }
         self.running.renewed(&renewed, sent_at, self.lease);

@@ -1,5 +1,7 @@
-//! What a job body may write to its own row while it runs: stage and chunk
-//! counts. Every write is fenced by (id, attempt, worker id): a write that
+//! The progress reporter a job body gets: what it may write to its own row
+//! while it runs (stage, counts, result), the lease check before writes
+//! outside PostgreSQL, and an action to run once its completion is
+//! committed. Every row write is fenced (see `store::fence`): a write that
 //! changes nothing means the job now belongs to someone else, and the body
 //! is stopped.
 
@@ -8,12 +10,13 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tokio::sync::Mutex;
-use tokio_postgres::types::ToSql;
 
-use crate::job::{Attempt, JobError};
-use crate::metrics;
-use crate::pipeline::source::Disposal;
-use crate::running::{RunningJobs, StopReason, StopSignal};
+use super::completer::AfterCommit;
+use super::job::{Attempt, JobError};
+use super::running::{RunningJobs, StopReason, StopSignal};
+use crate::observe::metrics;
+use crate::store::fence::Fence;
+use crate::store::Stage;
 
 /// Count updates closer together than this are coalesced (stage changes and
 /// the final count are always written).
@@ -27,9 +30,9 @@ pub struct JobContext {
     running: Arc<RunningJobs>,
     lease: Duration,
     last_count_write: Mutex<Option<Instant>>,
-    after_success: std::sync::Mutex<Option<Disposal>>,
+    after_commit: std::sync::Mutex<Option<AfterCommit>>,
     /// The stage being run and since when, for the stage-duration metric.
-    stage: std::sync::Mutex<(String, Instant)>,
+    stage: std::sync::Mutex<(Option<Stage>, Instant)>,
 }
 
 impl JobContext {
@@ -49,21 +52,16 @@ impl JobContext {
             running,
             lease,
             last_count_write: Mutex::new(None),
-            after_success: std::sync::Mutex::new(None),
-            stage: std::sync::Mutex::new(("started".into(), Instant::now())),
+            after_commit: std::sync::Mutex::new(None),
+            stage: std::sync::Mutex::new((Some(Stage::Started), Instant::now())),
         }
     }
 
     /// Records the stage the job has entered (parsing, chunking, ...).
-    pub async fn set_stage(&self, stage: &str) -> Result<(), JobError> {
-        tracing::info!(stage, "stage");
-        self.stage_clock(stage);
-        self.fenced_write(
-            "UPDATE job_tasks SET stage = $4, updated_at = now()
-              WHERE id = $1 AND attempt = $2 AND locked_by = $3 AND status = 'processing'",
-            &[&stage],
-        )
-        .await
+    pub async fn set_stage(&self, stage: Stage) -> Result<(), JobError> {
+        tracing::info!(stage = stage.as_str(), "stage");
+        self.stage_clock(Some(stage));
+        self.fenced(self.fence().set_stage(stage).await)
     }
 
     /// Records chunk progress, at most about once a second unless finished.
@@ -77,25 +75,20 @@ impl JobContext {
             *last = Some(Instant::now());
         }
         tracing::debug!(completed, total, "progress");
-        self.fenced_write(
-            "UPDATE job_tasks SET completed_chunks = $4, total_chunks = $5, updated_at = now()
-              WHERE id = $1 AND attempt = $2 AND locked_by = $3 AND status = 'processing'",
-            &[&completed, &total],
-        )
-        .await
+        self.fenced(self.fence().set_progress(completed, total).await)
     }
 
     /// Ends the stage clock when the body ends, however it ended.
     pub fn end_stage(&self) {
-        self.stage_clock("");
+        self.stage_clock(None);
     }
 
     /// Reports the stage that just ended and starts timing `next`.
-    fn stage_clock(&self, next: &str) {
+    fn stage_clock(&self, next: Option<Stage>) {
         let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
-        let (ended, since) = std::mem::replace(&mut *stage, (next.to_owned(), Instant::now()));
-        if !ended.is_empty() {
-            metrics::stage_finished(&ended, since.elapsed());
+        let (ended, since) = std::mem::replace(&mut *stage, (next, Instant::now()));
+        if let Some(ended) = ended {
+            metrics::stage_finished(ended, since.elapsed());
         }
     }
 
@@ -118,46 +111,40 @@ impl JobContext {
     /// Records what the job produced (chunk count, whether it was skipped
     /// as unchanged, ...) in the row's `result` column.
     pub async fn set_result(&self, result: serde_json::Value) -> Result<(), JobError> {
-        self.fenced_write(
-            "UPDATE job_tasks SET result = $4, updated_at = now()
-              WHERE id = $1 AND attempt = $2 AND locked_by = $3 AND status = 'processing'",
-            &[&result],
-        )
-        .await
+        self.fenced(self.fence().set_result(&result).await)
     }
 
-    /// Asks for the uploaded file to be deleted or moved once, and only
-    /// once, the job's completion is recorded.
-    pub fn dispose_after_success(&self, disposal: Option<Disposal>) {
-        *self.after_success.lock().unwrap_or_else(|e| e.into_inner()) = disposal;
+    /// Asks for `action` to run once, and only once, the job's completion
+    /// is recorded; it replaces any action asked for earlier.
+    pub fn after_commit(&self, action: Option<AfterCommit>) {
+        *self.after_commit.lock().unwrap_or_else(|e| e.into_inner()) = action;
     }
 
-    pub fn take_disposal(&self) -> Option<Disposal> {
-        self.after_success
+    pub fn take_after_commit(&self) -> Option<AfterCommit> {
+        self.after_commit
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
     }
 
-    async fn fenced_write(&self, sql: &str, extra: &[&(dyn ToSql + Sync)]) -> Result<(), JobError> {
-        let worker_id: &str = &self.worker_id;
-        let mut params: Vec<&(dyn ToSql + Sync)> =
-            vec![&self.key.id, &self.key.attempt, &worker_id];
-        params.extend_from_slice(extra);
-        let result = async {
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            anyhow::Ok(client.execute(&stmt, &params).await?)
+    fn fence(&self) -> Fence<'_> {
+        Fence {
+            pool: &self.pool,
+            worker_id: &self.worker_id,
+            key: self.key,
         }
-        .await;
+    }
+
+    /// Turns a fenced write's result into the body's: a refused write stops it.
+    fn fenced(&self, result: anyhow::Result<bool>) -> Result<(), JobError> {
         match result {
-            Ok(0) => {
+            Ok(false) => {
                 self.stop.stop(StopReason::LeaseLost);
                 Err(JobError::transient(
                     "This worker no longer owns the job (cancelled, or its lease expired and another worker took it over).",
                 ))
             }
-            Ok(_) => Ok(()),
+            Ok(true) => Ok(()),
             Err(e) => {
                 // Progress is advisory; the final write is what matters and
                 // has its own retries.

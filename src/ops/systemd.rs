@@ -9,7 +9,7 @@ use std::sync::Arc;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::{Health, BEAT_EVERY};
+use crate::queue::health::{Health, BEAT_EVERY};
 
 pub fn ready() {
     send(&[NotifyState::Ready, NotifyState::Status("running jobs")]);

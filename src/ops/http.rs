@@ -24,10 +24,11 @@ use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::Health;
-use crate::pipeline::Pipeline;
-use crate::running::RunningJobs;
-use crate::stats::QueueSnapshot;
+use crate::observe::metrics;
+use crate::queue::health::Health;
+use crate::queue::running::RunningJobs;
+use crate::queue::TaskHandler;
+use crate::store::stats::QueueSnapshot;
 
 /// A scrape waits this long for the queue numbers at most.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -38,7 +39,8 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 pub struct StatusServer {
     pub health: Arc<Health>,
     pub pool: Pool,
-    pub pipeline: Arc<Pipeline>,
+    /// Adds its readiness checks to the queue's.
+    pub handler: Arc<dyn TaskHandler>,
     pub running: Arc<RunningJobs>,
     pub concurrency: usize,
     pub metrics: PrometheusHandle,
@@ -56,7 +58,7 @@ impl StatusServer {
         let router = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics))
+            .route("/metrics", get(scrape))
             .with_state(self);
         tokio::spawn({
             let stop = stop.clone();
@@ -95,7 +97,7 @@ async fn healthz(State(s): State<StatusServer>) -> Response {
 }
 
 async fn readyz(State(s): State<StatusServer>) -> Response {
-    let checks = s.health.readiness(&s.pool, &s.pipeline).await;
+    let checks = s.health.readiness(&s.pool, s.handler.as_ref()).await;
     let mut body = String::new();
     for c in &checks {
         let _ = writeln!(body, "{}: {}", c.name, c.detail);
@@ -108,21 +110,21 @@ async fn readyz(State(s): State<StatusServer>) -> Response {
     text(status, body)
 }
 
-async fn metrics(State(s): State<StatusServer>) -> Response {
+async fn scrape(State(s): State<StatusServer>) -> Response {
     let snapshot = tokio::time::timeout(SNAPSHOT_TIMEOUT, async {
         let client = s.pool.get().await?;
         QueueSnapshot::read(&client).await
     })
     .await;
     match snapshot {
-        Ok(Ok(snapshot)) => crate::metrics::set_queue(Some(&snapshot)),
+        Ok(Ok(snapshot)) => metrics::set_queue(Some(&snapshot)),
         Ok(Err(e)) => {
             tracing::warn!(error = %format!("{e:#}"), "metrics: could not read the queue");
-            crate::metrics::set_queue(None);
+            metrics::set_queue(None);
         }
-        Err(_) => crate::metrics::set_queue(None),
+        Err(_) => metrics::set_queue(None),
     }
-    crate::metrics::set_slots(s.running.len(), s.concurrency);
+    metrics::set_slots(s.running.len(), s.concurrency);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

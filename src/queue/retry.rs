@@ -9,9 +9,8 @@
 use std::time::Duration;
 
 use crate::config::RetrySettings;
-
-/// The largest share of the delay that jitter may take off.
-pub const JITTER: f64 = 0.25;
+use crate::store::cycle::BACKOFF_JITTER as JITTER;
+use crate::store::Backoff;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -27,15 +26,8 @@ impl RetryPolicy {
         }
     }
 
-    /// SQL for the moment a job whose attempt number is `attempt` (an SQL
-    /// expression) runs again; `base` and `max` are float8 seconds parameters.
-    pub fn retry_at_sql(attempt: &str, base: &str, max: &str) -> String {
-        format!(
-            "now() + make_interval(secs => least({max}::float8, {base}::float8 * 2 ^ least({attempt} - 1, 62)) * (1 - {JITTER} * random()))"
-        )
-    }
-
-    /// The range the SQL above draws from, for checks and documentation.
+    /// The range the write cycle draws the delay after failed attempt
+    /// `attempt` from (it adds the delay to the database's clock).
     pub fn delay_bounds(&self, attempt: i32) -> (Duration, Duration) {
         let exp = 2f64.powi((attempt - 1).clamp(0, 62));
         let full = (self.base_delay.as_secs_f64() * exp).min(self.max_delay.as_secs_f64());
@@ -45,8 +37,12 @@ impl RetryPolicy {
         )
     }
 
-    pub fn params(&self) -> (f64, f64) {
-        (self.base_delay.as_secs_f64(), self.max_delay.as_secs_f64())
+    /// The policy as the store's write cycle takes it.
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            base_secs: self.base_delay.as_secs_f64(),
+            max_secs: self.max_delay.as_secs_f64(),
+        }
     }
 }
 
@@ -66,5 +62,31 @@ mod tests {
         assert_eq!(p.delay_bounds(5).1, Duration::from_secs(60));
         assert_eq!(p.delay_bounds(500).1, Duration::from_secs(60));
         assert_eq!(p.delay_bounds(1).0, Duration::from_secs_f64(3.75));
+    }
+
+    #[test]
+    fn jitter_takes_off_at_most_a_quarter_and_never_adds() {
+        let p = RetryPolicy {
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(2),
+        };
+        for attempt in [-3, 0, 1, 2, 3, 4, 5, 62, 63, i32::MAX] {
+            let (low, high) = p.delay_bounds(attempt);
+            assert!(low <= high, "attempt {attempt}");
+            assert!(high <= p.max_delay, "attempt {attempt}: {high:?}");
+            assert!(high >= p.base_delay, "attempt {attempt}: {high:?}");
+            let taken = 1.0 - low.as_secs_f64() / high.as_secs_f64();
+            assert!((taken - JITTER).abs() < 1e-9, "attempt {attempt}: {taken}");
+        }
+    }
+
+    #[test]
+    fn the_store_gets_seconds() {
+        let b = RetryPolicy {
+            base_delay: Duration::from_millis(1500),
+            max_delay: Duration::from_secs(90),
+        }
+        .backoff();
+        assert_eq!((b.base_secs, b.max_secs), (1.5, 90.0));
     }
 }

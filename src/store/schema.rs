@@ -9,12 +9,12 @@ use tokio_postgres::Client;
 
 /// (version, name, sql), in order.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "queue", include_str!("../sql/0001_queue.sql")),
-    (2, "pipeline", include_str!("../sql/0002_pipeline.sql")),
+    (1, "queue", include_str!("../../sql/0001_queue.sql")),
+    (2, "pipeline", include_str!("../../sql/0002_pipeline.sql")),
     (
         3,
         "retry_resets_progress",
-        include_str!("../sql/0003_retry_resets_progress.sql"),
+        include_str!("../../sql/0003_retry_resets_progress.sql"),
     ),
 ];
 

@@ -14,8 +14,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use tokio_postgres::Client;
 
-use crate::config::Settings;
-use crate::{db, schema};
+use super::procfs::memory_kib;
+use super::scratch_database;
+use crate::config::{DatabaseSettings, Settings};
+use crate::db;
+use crate::store::{bench as sql, schema};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -36,28 +39,6 @@ pub struct BenchArgs {
     pub keep: bool,
 }
 
-/// A fresh database named `{prefix}_{pid}` beside the configured one, for a
-/// benchmark to fill: the admin connection, its name and settings for it.
-pub(crate) async fn scratch_database(
-    settings: &Settings,
-    prefix: &str,
-) -> Result<(Client, String, crate::config::DatabaseSettings)> {
-    let admin = db::connect(&settings.database, "docworker bench").await?;
-    let name = format!("{prefix}_{}", std::process::id());
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .context("creating the scratch database (the configured user needs CREATEDB)")?;
-    let mut cfg: tokio_postgres::Config = settings.database.url.parse()?;
-    cfg.dbname(&name);
-    let mut scratch = settings.database.clone();
-    scratch.url = config_to_url(&cfg);
-    Ok((admin, name, scratch))
-}
-
 pub async fn run(settings: &Settings, args: BenchArgs) -> Result<()> {
     let (admin, name, scratch) = scratch_database(settings, "docworker_bench").await?;
     let result = measure(&scratch, &args).await;
@@ -69,45 +50,20 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> Result<()> {
     result
 }
 
-async fn measure(db_settings: &crate::config::DatabaseSettings, args: &BenchArgs) -> Result<()> {
+async fn measure(db_settings: &DatabaseSettings, args: &BenchArgs) -> Result<()> {
     let mut client = db::connect(db_settings, "docworker bench").await?;
     schema::migrate(&mut client).await?;
-    let server: String = client
-        .query_one(
-            "SELECT current_setting('server_version') || ', synchronous_commit=' || current_setting('synchronous_commit') || ', fsync=' || current_setting('fsync')",
-            &[],
-        )
-        .await?
-        .get(0);
-    println!("PostgreSQL {server}");
+    println!("PostgreSQL {}", sql::server_description(&client).await?);
 
     // Phase 1: throughput.
-    client
-        .execute(
-            "INSERT INTO job_tasks (filename, task_type) SELECT 'bench', 'noop' FROM generate_series(1, $1)",
-            &[&args.jobs],
-        )
-        .await?;
-    client.batch_execute("ANALYZE job_tasks").await?;
+    sql::insert_noops(&client, args.jobs).await?;
+    sql::analyze(&client).await?;
     let wall = Instant::now();
     let mut daemon = spawn_daemon(&db_settings.url, args.concurrency)?;
-    wait_until(
-        &client,
-        "SELECT count(*) FROM job_tasks WHERE status <> 'completed'",
-        0,
-        Duration::from_secs(600),
-    )
-    .await?;
+    wait_until_completed(&client, Duration::from_secs(600)).await?;
     let wall = wall.elapsed();
-    let row = client
-        .query_one(
-            "SELECT extract(epoch FROM max(finished_at) - min(started_at))::float8, count(*) FILTER (WHERE attempt <> 1)
-               FROM job_tasks",
-            &[],
-        )
-        .await?;
-    let drain: f64 = row.get(0);
-    let not_once: i64 = row.get(1);
+    let (drain, not_once) = sql::drain_span(&client).await?;
+    let drain = drain.as_secs_f64();
     if not_once != 0 {
         bail!("{not_once} jobs ran more than once");
     }
@@ -122,37 +78,20 @@ async fn measure(db_settings: &crate::config::DatabaseSettings, args: &BenchArgs
 
     // Phase 2: pickup latency on an idle daemon.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    client.batch_execute("TRUNCATE job_tasks CASCADE").await?;
-    let insert = client
-        .prepare(
-            "INSERT INTO job_tasks (filename, task_type) VALUES ('latency', 'noop') RETURNING id",
-        )
-        .await?;
+    sql::truncate(&client).await?;
+    let insert = sql::NoopInsert::prepare(&client).await?;
     let mut sent = Vec::with_capacity(args.latency_jobs);
     for _ in 0..args.latency_jobs {
         let t = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
-        let id: uuid::Uuid = client.query_one(&insert, &[]).await?.get(0);
+        let id = insert.insert(&client, "latency").await?;
         sent.push((id, t));
         tokio::time::sleep(args.interval).await;
     }
-    wait_until(
-        &client,
-        "SELECT count(*) FROM job_tasks WHERE status <> 'completed'",
-        0,
-        Duration::from_secs(60),
-    )
-    .await?;
+    wait_until_completed(&client, Duration::from_secs(60)).await?;
     let mut pickup = Vec::new();
     let mut done = Vec::new();
     for (id, t) in &sent {
-        let row = client
-            .query_one(
-                "SELECT extract(epoch FROM started_at)::float8, extract(epoch FROM finished_at)::float8 FROM job_tasks WHERE id = $1",
-                &[id],
-            )
-            .await?;
-        let started: f64 = row.get(0);
-        let finished: f64 = row.get(1);
+        let (started, finished) = sql::claim_and_finish_epochs(&client, *id).await?;
         pickup.push((started - t) * 1000.0);
         done.push((finished - t) * 1000.0);
     }
@@ -193,15 +132,15 @@ fn spawn_daemon(url: &str, concurrency: usize) -> Result<tokio::process::Child> 
         .context("starting the worker daemon")
 }
 
-async fn wait_until(client: &Client, sql: &str, want: i64, timeout: Duration) -> Result<()> {
+async fn wait_until_completed(client: &Client, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     loop {
-        let n: i64 = client.query_one(sql, &[]).await?.get(0);
-        if n == want {
+        let n = sql::not_completed(client).await?;
+        if n == 0 {
             return Ok(());
         }
         if start.elapsed() > timeout {
-            bail!("timed out waiting for `{sql}` to reach {want} (at {n})");
+            bail!("timed out waiting for every job to complete ({n} not completed)");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -211,32 +150,4 @@ fn percentiles(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
     let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
     (at(0.50), at(0.95), at(0.99))
-}
-
-/// (VmRSS, VmHWM) of a process in KiB, from /proc.
-pub(crate) fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// Rebuilds a URL from a parsed config (host, port, user, password, dbname).
-pub(crate) fn config_to_url(cfg: &tokio_postgres::Config) -> String {
-    let (host, port) = db::host_and_port(cfg);
-    let user = cfg.get_user().unwrap_or("postgres");
-    let db = cfg.get_dbname().unwrap_or("postgres");
-    match cfg.get_password() {
-        Some(pw) => format!(
-            "host={host} port={port} user={user} password={} dbname={db}",
-            String::from_utf8_lossy(pw)
-        ),
-        None => format!("host={host} port={port} user={user} dbname={db}"),
-    }
 }

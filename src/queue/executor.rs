@@ -13,13 +13,12 @@ use deadpool_postgres::Pool;
 use futures_util::FutureExt;
 use tracing::Instrument;
 
-use crate::completer::{Finished, Outcome};
-use crate::job::{ClaimedJob, ErrorKind, JobError, JobSpec, TaskType};
-use crate::metrics;
-use crate::pipeline::Pipeline;
-use crate::progress::JobContext;
-use crate::running::{RunningJobs, StopReason, StopSignal};
-use crate::tasks;
+use super::completer::{Finished, Outcome};
+use super::handler::TaskHandler;
+use super::job::{ClaimedJob, ErrorKind, JobError, JobSpec};
+use super::progress::JobContext;
+use super::running::{RunningJobs, StopReason, StopSignal};
+use crate::observe::metrics;
 
 pub struct Executor {
     pub pool: Pool,
@@ -27,7 +26,7 @@ pub struct Executor {
     pub running: Arc<RunningJobs>,
     pub job_timeout: Duration,
     pub lease: Duration,
-    pub pipeline: Arc<Pipeline>,
+    pub handler: Arc<dyn TaskHandler>,
 }
 
 impl Executor {
@@ -79,17 +78,23 @@ impl Executor {
                 }
             };
             // The app may write any task_type: label only the known ones.
-            let task_type = TaskType::parse(&job.task_type).map_or("unknown", TaskType::as_str);
+            let task_type = self
+                .handler
+                .task_types()
+                .iter()
+                .find(|t| **t == job.task_type)
+                .copied()
+                .unwrap_or("unknown");
             metrics::job_finished(task_type, label, started.elapsed());
-            let after_success = match outcome {
-                Some(Outcome::Completed) => ctx.take_disposal(),
+            let after_commit = match outcome {
+                Some(Outcome::Completed) => ctx.take_after_commit(),
                 _ => None,
             };
             outcome.map(|outcome| Finished {
                 key: job.key,
                 batch_id: job.batch_id,
                 outcome,
-                after_success,
+                after_commit,
             })
         }
         .instrument(span)
@@ -102,7 +107,7 @@ impl Executor {
         stop: &StopSignal,
         ctx: &JobContext,
     ) -> Option<Outcome> {
-        let spec = match JobSpec::validate(job) {
+        let spec = match JobSpec::validate(job, self.handler.task_types()) {
             Ok(spec) => spec,
             Err(e) => return Some(Outcome::Failed(e)),
         };
@@ -112,7 +117,7 @@ impl Executor {
         let result = tokio::select! {
             biased;
             _ = stop.stopped() => None,
-            r = tokio::time::timeout(self.job_timeout, AssertUnwindSafe(tasks::run(&spec, ctx, &self.pipeline)).catch_unwind()) => Some(r),
+            r = tokio::time::timeout(self.job_timeout, AssertUnwindSafe(self.handler.run(&spec, ctx)).catch_unwind()) => Some(r),
         };
         match (stop.reason(), result) {
             // A body that finished is recorded even if a stop raced it; the

@@ -8,7 +8,7 @@
 //!
 //! Two kinds of numbers: what this process did (counters and histograms,
 //! recorded as it happens) and what the table holds (gauges, read from the
-//! database at each scrape by [`crate::stats`], so they are the same on
+//! database at each scrape by [`crate::store::stats`], so they are the same on
 //! every replica).
 
 use std::sync::OnceLock;
@@ -18,7 +18,8 @@ use anyhow::{Context, Result};
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::stats::QueueSnapshot;
+use crate::store::stats::QueueSnapshot;
+use crate::store::Stage;
 
 /// Gauge, by `status`: rows of `job_tasks`.
 pub const JOBS: &str = "docworker_jobs";
@@ -155,7 +156,7 @@ pub fn set_queue(snapshot: Option<&QueueSnapshot>) {
     };
     ::metrics::gauge!(DATABASE_UP).set(1.0);
     for (status, count) in &s.by_status {
-        ::metrics::gauge!(JOBS, "status" => status.clone()).set(*count as f64);
+        ::metrics::gauge!(JOBS, "status" => status.as_str()).set(*count as f64);
     }
     ::metrics::gauge!(QUEUE_DEPTH).set(s.due as f64);
     ::metrics::gauge!(SCHEDULED).set(s.scheduled as f64);
@@ -171,17 +172,19 @@ pub fn job_claimed(waited: Duration) {
     per_job().pickup.record(waited.as_secs_f64());
 }
 
-pub fn stage_finished(stage: &str, took: Duration) {
-    let took = took.as_secs_f64();
-    match per_job().stages.iter().find(|(name, _)| *name == stage) {
-        Some((_, histogram)) => histogram.record(took),
-        None => ::metrics::histogram!(STAGE_DURATION, "stage" => stage.to_owned()).record(took),
+pub fn stage_finished(stage: Stage, took: Duration) {
+    if let Some((_, histogram)) = per_job().stages.iter().find(|(s, _)| *s == stage) {
+        histogram.record(took.as_secs_f64());
     }
 }
 
-/// `task_type` is one of [`TASK_TYPES`], `outcome` one of [`OUTCOMES`].
-pub fn job_finished(task_type: &'static str, outcome: &'static str, took: Duration) {
-    let t = TASK_TYPES.iter().position(|t| *t == task_type);
+/// `outcome` is one of [`OUTCOMES`]; a `task_type` not in [`TASK_TYPES`]
+/// counts as `unknown`.
+pub fn job_finished(task_type: &str, outcome: &'static str, took: Duration) {
+    let t = TASK_TYPES
+        .iter()
+        .position(|t| *t == task_type)
+        .or(TASK_TYPES.iter().position(|t| *t == "unknown"));
     let o = OUTCOMES.iter().position(|o| *o == outcome);
     match (t, o) {
         (Some(t), Some(o)) => {
@@ -206,14 +209,6 @@ pub const OUTCOMES: [&str; 5] = [
     "handed_back",
     "stopped",
 ];
-const STAGES: [&str; 6] = [
-    "started",
-    "parsing",
-    "chunking",
-    "embedding",
-    "storing",
-    "deleting",
-];
 
 /// Handles of the series every job touches, registered once: looking a
 /// series up by name and labels on each job cost a busy worker about a
@@ -222,7 +217,7 @@ struct PerJob {
     pickup: Histogram,
     /// By task type, then outcome (see [`TASK_TYPES`], [`OUTCOMES`]).
     finished: Vec<(Counter, Histogram)>,
-    stages: Vec<(&'static str, Histogram)>,
+    stages: Vec<(Stage, Histogram)>,
     retries: Counter,
 }
 
@@ -243,9 +238,16 @@ fn per_job() -> &'static PerJob {
                 )
             })
             .collect(),
-        stages: STAGES
-            .iter()
-            .map(|s| (*s, ::metrics::histogram!(STAGE_DURATION, "stage" => *s)))
+        // `done` is where a job ends, never a stage it spends time in.
+        stages: Stage::ALL
+            .into_iter()
+            .filter(|s| *s != Stage::Done)
+            .map(|s| {
+                (
+                    s,
+                    ::metrics::histogram!(STAGE_DURATION, "stage" => s.as_str()),
+                )
+            })
             .collect(),
         retries: ::metrics::counter!(RETRIES),
     })

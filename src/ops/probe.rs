@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::config::{HttpSettings, Settings};
-use crate::stats::QueueSnapshot;
+use crate::store::stats::QueueSnapshot;
 
 /// `/readyz` runs checks of up to 3 s each, concurrently.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);

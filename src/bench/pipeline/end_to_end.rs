@@ -1,0 +1,503 @@
+//! Phases 2 and 3 of `worker bench-pipeline`: a real `worker run` child
+//! process draining ingest jobs against the services, its CPU time and
+//! memory, and whether the embedder was kept busy.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use super::Args;
+use crate::bench::corpus::{text_docs, Prose};
+use crate::bench::procfs::{
+    busiest_processes, cpu_by_process, machine_cpu, memory_kib, process_cpu_seconds,
+};
+use crate::config::{DatabaseSettings, Provider, Settings};
+use crate::db;
+use crate::pipeline::embed::{EmbedError, Embedder};
+use crate::store::{bench as sql, schema};
+
+/// The services of the end-to-end phases, checked to be up.
+pub(crate) struct Services {
+    pub(crate) http: reqwest::Client,
+    pub(crate) embed_url: String,
+    pub(crate) real_embed_url: Option<String>,
+    pub(crate) chroma_url: String,
+    pub(crate) model: String,
+    pub(crate) provider: &'static str,
+    pub(crate) tenant: String,
+    pub(crate) database: String,
+    pub(crate) collections: std::sync::Mutex<Vec<String>>,
+}
+
+impl Services {
+    pub(crate) async fn check(settings: &Settings, args: &Args) -> Result<Services> {
+        let services = Services {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            embed_url: args
+                .embed_url
+                .clone()
+                .unwrap_or_else(|| settings.embed.url.clone()),
+            real_embed_url: args.real_embed_url.clone(),
+            chroma_url: args
+                .chroma_url
+                .clone()
+                .unwrap_or_else(|| settings.chroma.url.clone()),
+            model: args
+                .model
+                .clone()
+                .unwrap_or_else(|| settings.embed.model.clone()),
+            provider: match settings.embed.provider {
+                Provider::Ollama => "ollama",
+                Provider::OpenAi => "openai",
+            },
+            tenant: settings.chroma.tenant.clone(),
+            database: settings.chroma.database.clone(),
+            collections: std::sync::Mutex::new(Vec::new()),
+        };
+        let heartbeat = format!(
+            "{}/api/v2/heartbeat",
+            services.chroma_url.trim_end_matches('/')
+        );
+        match services.http.get(&heartbeat).send().await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => bail!(
+                "Chroma at {} answered GET /api/v2/heartbeat with HTTP {}: is it a ChromaDB (v2 API) server? Give --chroma-url.",
+                services.chroma_url,
+                r.status()
+            ),
+            Err(e) => bail!(
+                "Chroma at {} is unreachable ({}). Start it (`chroma run`) or give --chroma-url.",
+                services.chroma_url,
+                crate::pipeline::embed::source_chain(&e)
+            ),
+        }
+        let mut urls = vec![("--embed-url", services.embed_url.clone())];
+        if let Some(u) = &services.real_embed_url {
+            urls.push(("--real-embed-url", u.clone()));
+        }
+        for (flag, url) in urls {
+            let mut embed = settings.embed.clone();
+            embed.url = url.clone();
+            embed.model = services.model.clone();
+            embed.tries = 1;
+            match Embedder::new(&embed)?.model().await {
+                Ok(_) => {}
+                Err(
+                    EmbedError::Transient(e) | EmbedError::Permanent(e) | EmbedError::TooLong(e),
+                ) => {
+                    bail!("the embedding server given by {flag} ({url}) is not usable: {e}")
+                }
+            }
+        }
+        Ok(services)
+    }
+
+    /// The embedding server's counters, when it has `/_stats` (the test
+    /// server does; Ollama does not).
+    pub(crate) async fn embed_stats(&self, url: &str) -> Option<Value> {
+        let r = self
+            .http
+            .get(format!("{}/_stats", url.trim_end_matches('/')))
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    pub(crate) async fn reset_embed_stats(&self, url: &str) {
+        let _ = self
+            .http
+            .post(format!("{}/_stats/reset", url.trim_end_matches('/')))
+            .send()
+            .await;
+    }
+
+    pub(crate) fn new_collection(&self, label: &str) -> String {
+        let name = format!("docworker_bench_{}_{label}", std::process::id());
+        self.collections.lock().unwrap().push(name.clone());
+        name
+    }
+
+    pub(crate) async fn drop_collections(&self) {
+        let names = std::mem::take(&mut *self.collections.lock().unwrap());
+        for name in names {
+            let url = format!(
+                "{}/api/v2/tenants/{}/databases/{}/collections/{name}",
+                self.chroma_url.trim_end_matches('/'),
+                self.tenant,
+                self.database
+            );
+            let _ = self.http.delete(url).send().await;
+        }
+    }
+}
+
+/// One end-to-end run's figures.
+pub(crate) struct E2eRun {
+    pub(crate) label: String,
+    pub(crate) embedder: &'static str,
+    pub(crate) docs: usize,
+    pub(crate) bytes: usize,
+    pub(crate) chunks: i64,
+    pub(crate) wall: f64,
+    pub(crate) worker_cpu: f64,
+    pub(crate) peak_rss_kib: u64,
+    /// (requests, inputs, busy seconds, most requests in flight at once).
+    pub(crate) embed: Option<(u64, u64, f64, u64)>,
+}
+
+impl E2eRun {
+    pub(crate) fn mb(&self) -> f64 {
+        self.bytes as f64 / 1e6
+    }
+    pub(crate) fn utilisation(&self) -> Option<f64> {
+        self.embed.map(|(_, _, busy, _)| busy / self.wall)
+    }
+}
+
+pub(crate) async fn end_to_end(
+    db_settings: &DatabaseSettings,
+    services: &Services,
+    args: &Args,
+    root: &Path,
+) -> Result<Vec<E2eRun>> {
+    let mut client = db::connect(db_settings, "docworker bench-pipeline").await?;
+    schema::migrate(&mut client).await?;
+    let mut runs = Vec::new();
+
+    println!();
+    println!(
+        "End to end: a `worker run --concurrency {}` child process, scratch database, Chroma at {}, model {:?}.",
+        args.concurrency, services.chroma_url, services.model
+    );
+    let mut gen = Prose::new(2);
+    if args.docs > 0 {
+        let docs = text_docs(&mut gen, args.docs, args.doc_kb * 1000);
+        runs.push(
+            drain(
+                &client,
+                db_settings,
+                services,
+                root,
+                Drain {
+                    label: "text",
+                    embedder: "instant",
+                    embed_url: &services.embed_url,
+                    concurrency: args.concurrency,
+                    docs,
+                },
+            )
+            .await?,
+        );
+    }
+
+    if let Some(url) = services
+        .real_embed_url
+        .as_ref()
+        .filter(|_| args.real_docs > 0)
+    {
+        let docs = text_docs(&mut gen, args.real_docs, args.doc_kb * 1000);
+        runs.push(
+            drain(
+                &client,
+                db_settings,
+                services,
+                root,
+                Drain {
+                    label: "text",
+                    embedder: "real model",
+                    embed_url: url,
+                    concurrency: args.concurrency,
+                    docs,
+                },
+            )
+            .await?,
+        );
+    }
+
+    if args.pdf_jobs > 0 {
+        let target = (args.pdf_mb * 1e6) as usize;
+        let docs = (0..args.pdf_jobs)
+            .map(|i| (format!("big-{i}.pdf"), gen.pdf_bytes(target)))
+            .collect();
+        runs.push(
+            drain(
+                &client,
+                db_settings,
+                services,
+                root,
+                Drain {
+                    label: "pdf",
+                    embedder: "instant",
+                    embed_url: &services.embed_url,
+                    concurrency: args.pdf_jobs,
+                    docs,
+                },
+            )
+            .await?,
+        );
+    }
+
+    println!();
+    println!(
+        "{:<16} {:<10} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9}",
+        "run",
+        "embedder",
+        "docs",
+        "MB",
+        "chunks",
+        "drain s",
+        "docs/s",
+        "MB/s",
+        "chunks/s",
+        "CPU s/MB",
+        "CPU %",
+        "peak MB",
+        "embed req",
+        "emb busy"
+    );
+    for r in &runs {
+        let (requests, busy) = match (r.embed, r.utilisation()) {
+            (Some((req, _, _, _)), Some(u)) if r.embedder != "instant" => {
+                (req.to_string(), format!("{:.0}%", u * 100.0))
+            }
+            (Some((req, _, _, _)), _) => (req.to_string(), "n/a".into()),
+            _ => ("?".into(), "?".into()),
+        };
+        println!(
+            "{:<16} {:<10} {:>5} {:>7.2} {:>7} {:>7.2} {:>7.1} {:>7.2} {:>8.0} {:>9.3} {:>7.0}% {:>8.1} {:>9} {:>9}",
+            r.label,
+            r.embedder,
+            r.docs,
+            r.mb(),
+            r.chunks,
+            r.wall,
+            r.docs as f64 / r.wall,
+            r.mb() / r.wall,
+            r.chunks as f64 / r.wall,
+            r.worker_cpu / r.mb(),
+            r.worker_cpu / r.wall * 100.0,
+            r.peak_rss_kib as f64 / 1024.0,
+            requests,
+            busy
+        );
+    }
+    println!(
+        "(drain: from the INSERT of the jobs to the last completion; CPU: the worker process's user+system time over \
+         the drain, which excludes embedding (another process); CPU %: of one core; peak: the worker's VmHWM; \
+         emb busy: the embedding server's time in the model over the drain, n/a for the instant embedder)"
+    );
+    Ok(runs)
+}
+
+struct Drain<'a> {
+    pub(crate) label: &'static str,
+    pub(crate) embedder: &'static str,
+    pub(crate) embed_url: &'a str,
+    pub(crate) concurrency: usize,
+    /// (file name, content).
+    pub(crate) docs: Vec<(String, Vec<u8>)>,
+}
+
+/// Writes the documents, starts a worker, enqueues one ingest job per
+/// document and waits until all have completed.
+async fn drain(
+    client: &tokio_postgres::Client,
+    db_settings: &DatabaseSettings,
+    services: &Services,
+    root: &Path,
+    run: Drain<'_>,
+) -> Result<E2eRun> {
+    let label = format!("{}-{}", run.label, run.embedder.replace(' ', "-"));
+    let dir = root.join(&label);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut names = Vec::new();
+    let mut bytes = 0;
+    for (name, content) in &run.docs {
+        std::fs::write(dir.join(name), content)?;
+        names.push(name.clone());
+        bytes += content.len();
+    }
+    let n_docs = run.docs.len();
+    drop(run.docs);
+    sql::truncate(client).await?;
+    let collection = services.new_collection(&label.replace('-', "_"));
+
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("run")
+        .env("DATABASE_URL", &db_settings.url)
+        .env(
+            "DOCWORKER__WORKER__CONCURRENCY",
+            run.concurrency.to_string(),
+        )
+        .env("DOCWORKER__LOG__LEVEL", "warn")
+        .env("DOCWORKER__FILES__UPLOAD_ROOT", &dir)
+        .env("DOCWORKER__FILES__AFTER_SUCCESS", "keep")
+        .env("DOCWORKER__EMBED__PROVIDER", services.provider)
+        .env("DOCWORKER__EMBED__URL", run.embed_url)
+        .env("DOCWORKER__EMBED__MODEL", &services.model)
+        .env("DOCWORKER__CHROMA__URL", &services.chroma_url)
+        .env("DOCWORKER__CHROMA__COLLECTION", &collection)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the worker daemon")?;
+    let pid = child.id().unwrap_or(0);
+
+    // Ready when it has run a noop job; then start the clocks.
+    sql::NoopInsert::prepare(client)
+        .await?
+        .insert(client, "ready?")
+        .await?;
+    wait_for_drain(client, &mut child, Duration::from_secs(60)).await?;
+    sql::truncate(client).await?;
+    services.reset_embed_stats(run.embed_url).await;
+    let stats_before = services.embed_stats(run.embed_url).await;
+    let (idle_rss, _) = memory_kib(pid);
+    let cpu_before = process_cpu_seconds(pid);
+    let machine_before = machine_cpu();
+    let processes_before = cpu_by_process();
+    let wall = Instant::now();
+    sql::insert_ingests(client, &names).await?;
+    let outcome = wait_for_drain(client, &mut child, Duration::from_secs(3600)).await;
+    let wall = wall.elapsed().as_secs_f64();
+    let cpu = process_cpu_seconds(pid) - cpu_before;
+    let rss = outcome
+        .as_ref()
+        .map_or(String::new(), |samples| rss_timeline(samples));
+    let busiest = busiest_processes(&processes_before, &cpu_by_process(), pid);
+    let machine = machine_cpu();
+    let machine_busy = (machine.0 - machine_before.0) / (machine.1 - machine_before.1).max(1e-9);
+    let (_, hwm) = memory_kib(pid);
+    let stats_after = services.embed_stats(run.embed_url).await;
+    child.start_kill().ok();
+    child.wait().await.ok();
+    outcome?;
+
+    let sql::RunSummary {
+        not_completed: failed,
+        retried,
+        chunks,
+        errors,
+    } = sql::run_summary(client).await?;
+    if failed != 0 || retried != 0 {
+        bail!(
+            "{label}: {failed} of {n_docs} jobs did not complete and {retried} needed more than one attempt: {}",
+            errors.unwrap_or_default()
+        );
+    }
+    let embed = match (stats_before, stats_after) {
+        (Some(b), Some(a)) => {
+            let int = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let float = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+            Some((
+                int(&a, "embed_requests") - int(&b, "embed_requests"),
+                int(&a, "inputs") - int(&b, "inputs"),
+                float(&a, "busy_seconds") - float(&b, "busy_seconds"),
+                int(&a, "max_in_flight"),
+            ))
+        }
+        _ => None,
+    };
+    let result = E2eRun {
+        label,
+        embedder: run.embedder,
+        docs: n_docs,
+        bytes,
+        chunks,
+        wall,
+        worker_cpu: cpu,
+        peak_rss_kib: hwm,
+        embed,
+    };
+    print!(
+        "  {}: {} documents, {:.2} MB, {} chunks in {:.2} s; worker CPU {:.2} s; RSS idle {:.1} MB, peak {:.1} MB",
+        result.label,
+        n_docs,
+        result.mb(),
+        chunks,
+        wall,
+        cpu,
+        idle_rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    match result.embed {
+        Some((requests, inputs, busy, in_flight)) => println!(
+            "; embedder: {requests} requests, {inputs} inputs, {busy:.2} s in the model ({:.0}% of the drain), up to {in_flight} requests in flight",
+            busy / wall * 100.0
+        ),
+        None => println!("; the embedding server has no /_stats"),
+    }
+    println!(
+        "    RSS over the drain (s: MB): {rss}\n    machine CPU busy {:.0}% of {} cores; CPU seconds over the drain by process: {}",
+        machine_busy * 100.0,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        busiest
+            .iter()
+            .take(6)
+            .map(|(name, s)| format!("{name} {s:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(result)
+}
+
+/// Waits until no job is pending or running; fails early if the worker
+/// exits. Returns the worker's RSS (KiB) as sampled meanwhile, with the
+/// seconds since the start.
+async fn wait_for_drain(
+    client: &tokio_postgres::Client,
+    child: &mut tokio::process::Child,
+    timeout: Duration,
+) -> Result<Vec<(f64, u64)>> {
+    let start = Instant::now();
+    let pid = child.id().unwrap_or(0);
+    let mut samples = Vec::new();
+    loop {
+        samples.push((start.elapsed().as_secs_f64(), memory_kib(pid).0));
+        let open = sql::open_jobs(client).await?;
+        if open == 0 {
+            return Ok(samples);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the worker exited ({status}) with {open} jobs still open");
+        }
+        if start.elapsed() > timeout {
+            bail!("{open} jobs still open after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The largest RSS sample and when, then the RSS at ten even steps of the
+/// drain: "peak 160.2 at 2.9; 0.0: 12.6, 15.1: 150.3, ...".
+fn rss_timeline(samples: &[(f64, u64)]) -> String {
+    let mb = |kib: u64| kib as f64 / 1024.0;
+    let Some(&(end, _)) = samples.last() else {
+        return String::new();
+    };
+    let (peak_at, peak) = samples
+        .iter()
+        .copied()
+        .max_by_key(|&(_, rss)| rss)
+        .unwrap_or_default();
+    let mut out = format!("peak {:.1} at {peak_at:.1}", mb(peak));
+    let mut next = 0.0;
+    for &(t, rss) in samples {
+        if t >= next {
+            out.push_str(&format!("; {t:.1}: {:.1}", mb(rss)));
+            next += end / 10.0;
+        }
+    }
+    out
+}

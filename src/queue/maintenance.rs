@@ -1,0 +1,102 @@
+//! Maintenance: the periodic sweeps every worker runs.
+//!
+//! - Rescue: jobs whose lease expired (their worker was killed, hung or cut
+//!   off) go back to `pending`, the lost attempt counted, or to `error` when
+//!   no attempts remain. This is how a SIGKILLed worker's job runs again.
+//! - Prune: finished rows older than the retention are deleted a few hundred
+//!   at a time, so the table and its indexes stay small.
+//!
+//! Every replica sweeps; SKIP LOCKED keeps them out of each other's way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::notifier::jittered;
+use crate::observe::metrics;
+use crate::store::{sweep, JobStatus};
+
+/// Expired leases handled per statement.
+const RESCUE_BATCH: i64 = 200;
+/// Prune statements per sweep at most, so one sweep never runs long.
+const PRUNE_ROUNDS: usize = 20;
+
+pub struct Maintenance {
+    pub pool: Pool,
+    pub interval: Duration,
+    /// Zero keeps finished rows forever.
+    pub retention: Duration,
+    pub prune_batch_size: i64,
+    /// Wakes the local producer when rescued jobs are due.
+    pub wake: Arc<Notify>,
+}
+
+impl Maintenance {
+    pub async fn run(self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(jittered(self.interval)) => {}
+            }
+            if let Err(e) = self.rescue_expired().await {
+                tracing::warn!(error = %format!("{e:#}"), "lease sweep failed");
+            }
+            if !self.retention.is_zero() {
+                if let Err(e) = self.prune().await {
+                    tracing::warn!(error = %format!("{e:#}"), "pruning finished jobs failed");
+                }
+            }
+        }
+    }
+
+    /// Returns how many expired jobs were put back or failed.
+    pub async fn rescue_expired(&self) -> Result<usize> {
+        let mut total = 0;
+        loop {
+            let rescued = sweep::rescue_expired(&self.pool, RESCUE_BATCH).await?;
+            for (id, status) in &rescued {
+                tracing::warn!(job = %id, new_status = status.as_str(), "reclaimed a job whose lease expired");
+                metrics::lease_reclaimed(if *status == JobStatus::Pending {
+                    "retry"
+                } else {
+                    "failed"
+                });
+            }
+            if rescued.iter().any(|(_, s)| *s == JobStatus::Pending) {
+                // Committed: only now can the local producer see them.
+                self.wake.notify_one();
+            }
+            total += rescued.len();
+            if (rescued.len() as i64) < RESCUE_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Returns how many task rows were deleted.
+    pub async fn prune(&self) -> Result<u64> {
+        let retention = self.retention.as_secs_f64();
+        let mut deleted = 0;
+        for _ in 0..PRUNE_ROUNDS {
+            let n = sweep::prune_tasks(&self.pool, retention, self.prune_batch_size).await?;
+            deleted += n;
+            if (n as i64) < self.prune_batch_size {
+                break;
+            }
+        }
+        for _ in 0..PRUNE_ROUNDS {
+            let n = sweep::prune_batches(&self.pool, retention, self.prune_batch_size).await?;
+            if (n as i64) < self.prune_batch_size {
+                break;
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, "pruned finished jobs");
+        }
+        Ok(deleted)
+    }
+}

@@ -1,0 +1,113 @@
+//! The periodic sweeps' statements: rescuing jobs whose lease expired and
+//! pruning old finished rows. SKIP LOCKED keeps replicas that sweep at the
+//! same moment out of each other's way.
+
+use anyhow::Result;
+use deadpool_postgres::Pool;
+use uuid::Uuid;
+
+use super::cycle::LOCK_BATCHES_SQL;
+use super::state::JobStatus;
+
+const RESCUE_SQL: &str = "
+WITH expired AS MATERIALIZED (
+    SELECT id FROM job_tasks
+     WHERE status = 'processing' AND locked_until < now()
+     ORDER BY locked_until
+     LIMIT $1
+     FOR UPDATE SKIP LOCKED
+), p AS (
+    SELECT t.id, t.attempt < t.max_attempts AS will_retry,
+           format('Attempt %s of %s was interrupted: worker %s stopped renewing its lease (it crashed, hung or lost its database connection)',
+                  t.attempt, t.max_attempts, coalesce(t.locked_by, '?')) AS message
+      FROM job_tasks t JOIN expired e ON e.id = t.id
+)
+UPDATE job_tasks t SET
+    status = CASE WHEN p.will_retry THEN 'pending' ELSE 'error' END,
+    run_at = now(),
+    finished_at = CASE WHEN p.will_retry THEN NULL ELSE now() END,
+    error_message = CASE WHEN p.will_retry
+        THEN p.message || '. Retrying now.'
+        ELSE format('Gave up after %s attempts. Last error: %s.', t.attempt, p.message) END,
+    errors = t.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', t.attempt, 'at', now(), 'kind', 'lease_expired',
+        'message', p.message, 'worker', t.locked_by)),
+    locked_by = NULL,
+    locked_until = NULL,
+    updated_at = now()
+FROM p
+WHERE t.id = p.id
+RETURNING t.id, t.status::text AS status";
+
+const EXPIRED_BATCHES_SQL: &str = "
+SELECT DISTINCT batch_id FROM (
+    SELECT batch_id FROM job_tasks
+     WHERE status = 'processing' AND locked_until < now() AND batch_id IS NOT NULL
+     ORDER BY locked_until
+     LIMIT $1) expired";
+
+const PRUNE_TASKS_SQL: &str = "
+DELETE FROM job_tasks WHERE id IN (
+    SELECT t.id FROM job_tasks t LEFT JOIN job_batches b ON b.id = t.batch_id
+     WHERE t.status IN ('completed', 'error', 'cancelled')
+       AND t.finished_at < now() - make_interval(secs => $1::float8)
+       AND (t.batch_id IS NULL
+            OR (b.status <> 'pending' AND b.finished_at < now() - make_interval(secs => $1::float8)))
+     LIMIT $2
+     FOR UPDATE OF t SKIP LOCKED)";
+
+const PRUNE_BATCHES_SQL: &str = "
+DELETE FROM job_batches WHERE id IN (
+    SELECT b.id FROM job_batches b
+     WHERE b.status <> 'pending'
+       AND b.finished_at < now() - make_interval(secs => $1::float8)
+       AND NOT EXISTS (SELECT 1 FROM job_tasks t WHERE t.batch_id = b.id)
+     LIMIT $2
+     FOR UPDATE SKIP LOCKED)";
+
+/// One round of the rescue: up to `limit` jobs whose lease expired go back
+/// to `pending` (the lost attempt counted) or to `error` when no attempts
+/// remain; returns each with its new status. When any is due again, the
+/// same transaction sends `NOTIFY docworker_jobs`.
+pub async fn rescue_expired(pool: &Pool, limit: i64) -> Result<Vec<(Uuid, JobStatus)>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    // Jobs that run out of attempts here finish, and their batches are
+    // rolled up: lock those batches first, as the write cycle does.
+    let batches: Vec<Uuid> = tx
+        .query(EXPIRED_BATCHES_SQL, &[&limit])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !batches.is_empty() {
+        tx.execute(LOCK_BATCHES_SQL, &[&batches]).await?;
+    }
+    let mut rescued = Vec::new();
+    for row in tx.query(RESCUE_SQL, &[&limit]).await? {
+        let status: String = row.get("status");
+        rescued.push((row.get("id"), status.parse()?));
+    }
+    if rescued.iter().any(|(_, s)| *s == JobStatus::Pending) {
+        tx.execute("SELECT pg_notify('docworker_jobs', '')", &[])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(rescued)
+}
+
+/// Deletes up to `limit` finished tasks older than `retention_secs` (and
+/// whose batch, if any, finished that long ago too); returns how many.
+pub async fn prune_tasks(pool: &Pool, retention_secs: f64, limit: i64) -> Result<u64> {
+    let client = pool.get().await?;
+    let stmt = client.prepare_cached(PRUNE_TASKS_SQL).await?;
+    Ok(client.execute(&stmt, &[&retention_secs, &limit]).await?)
+}
+
+/// Deletes up to `limit` finished batches older than `retention_secs` that
+/// have no tasks left; returns how many.
+pub async fn prune_batches(pool: &Pool, retention_secs: f64, limit: i64) -> Result<u64> {
+    let client = pool.get().await?;
+    let stmt = client.prepare_cached(PRUNE_BATCHES_SQL).await?;
+    Ok(client.execute(&stmt, &[&retention_secs, &limit]).await?)
+}

@@ -1,0 +1,99 @@
+//! Helpers every test file shares: the `worker` binary run to completion,
+//! waiting for a row to reach a state, and the audit trail of status changes.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::harness::run_worker;
+
+/// Runs the `worker` binary against `url` with `args` and `env` (on top of
+/// the harness's fast settings) to completion, off the async threads;
+/// returns (exit code, stdout, stderr).
+pub async fn worker(url: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let url = url.to_owned();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run_worker(&url, &args, &env)
+    })
+    .await
+    .unwrap()
+}
+
+/// The job's row as JSON (`to_jsonb`), every column.
+pub async fn row_json(client: &Client, id: Uuid) -> Value {
+    client
+        .query_one("SELECT to_jsonb(t) FROM job_tasks t WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Waits until `check` holds for the job's row (as JSON) and returns that
+/// row; panics after `timeout` with `what` and the row.
+pub async fn wait_row(
+    client: &Client,
+    id: Uuid,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = Instant::now();
+    loop {
+        let row = row_json(client, id).await;
+        if check(&row) {
+            return row;
+        }
+        if start.elapsed() > timeout {
+            panic!("waited {timeout:?} for job {id} to be {what}; row: {row:#}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Records in `job_audit` every claim (any update that sets `processing`)
+/// and every status change of `job_tasks`: the old and new status, the
+/// attempt and `run_at` after it, `locked_by` after it, the worker involved
+/// (the claimer for claims, the previous lease holder otherwise), the old
+/// lease, the writing transaction's `now()` (what the worker stores in
+/// `started_at` and `errors[].at`) and the wall clock of the write.
+pub async fn install_audit(client: &Client) {
+    client
+        .batch_execute(
+            "CREATE TABLE job_audit (
+                 seq        bigserial PRIMARY KEY,
+                 id         uuid NOT NULL,
+                 old_status text,
+                 new_status text NOT NULL,
+                 attempt    int NOT NULL,
+                 run_at     timestamptz NOT NULL,
+                 locked_by  text,
+                 worker     text,
+                 old_lease  timestamptz,
+                 tx_at      timestamptz NOT NULL,
+                 at         timestamptz NOT NULL);
+             CREATE FUNCTION job_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO job_audit (id, old_status, new_status, attempt, run_at, locked_by,
+                                        worker, old_lease, tx_at, at)
+                 VALUES (NEW.id, OLD.status, NEW.status, NEW.attempt, NEW.run_at, NEW.locked_by,
+                         CASE WHEN NEW.status = 'processing' THEN NEW.locked_by ELSE OLD.locked_by END,
+                         OLD.locked_until, now(), clock_timestamp());
+                 RETURN NULL;
+             END $$;
+             CREATE TRIGGER job_audit AFTER UPDATE OF status ON job_tasks
+                 FOR EACH ROW
+                 WHEN (NEW.status = 'processing' OR OLD.status IS DISTINCT FROM NEW.status)
+                 EXECUTE FUNCTION job_audit();",
+        )
+        .await
+        .unwrap();
+}

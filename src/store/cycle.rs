@@ -249,7 +249,15 @@ WITH o AS (
             WHEN p.outcome = 'handback' THEN now()
             ELSE t.run_at END,
         finished_at = CASE WHEN p.outcome = 'handback' OR p.will_retry THEN NULL ELSE now() END,
-        stage = CASE WHEN p.outcome = 'completed' THEN 'done' ELSE t.stage END,
+        -- A row that waits to run again shows nothing of the attempt that
+        -- ended (as docworker_retry does); a final row keeps where it stopped.
+        stage = CASE
+            WHEN p.outcome = 'completed' THEN 'done'
+            WHEN p.outcome = 'handback' OR p.will_retry THEN NULL
+            ELSE t.stage END,
+        total_chunks = CASE WHEN p.outcome = 'handback' OR p.will_retry THEN 0 ELSE t.total_chunks END,
+        completed_chunks = CASE WHEN p.outcome = 'handback' OR p.will_retry THEN 0 ELSE t.completed_chunks END,
+        result = CASE WHEN p.outcome = 'handback' OR p.will_retry THEN NULL ELSE t.result END,
         error_message = CASE
             WHEN p.outcome = 'completed' THEN NULL
             WHEN p.outcome = 'handback' THEN t.error_message

@@ -26,6 +26,10 @@ UPDATE job_tasks t SET
     status = CASE WHEN p.will_retry THEN 'pending' ELSE 'error' END,
     run_at = now(),
     finished_at = CASE WHEN p.will_retry THEN NULL ELSE now() END,
+    stage = CASE WHEN p.will_retry THEN NULL ELSE t.stage END,
+    total_chunks = CASE WHEN p.will_retry THEN 0 ELSE t.total_chunks END,
+    completed_chunks = CASE WHEN p.will_retry THEN 0 ELSE t.completed_chunks END,
+    result = CASE WHEN p.will_retry THEN NULL ELSE t.result END,
     error_message = CASE WHEN p.will_retry
         THEN p.message || '. Retrying now.'
         ELSE format('Gave up after %s attempts. Last error: %s.', t.attempt, p.message) END,

@@ -10,6 +10,7 @@ mod support;
 mod architecture;
 mod chaos;
 mod cli;
+mod conditions;
 mod examples;
 mod faults;
 mod inputs;

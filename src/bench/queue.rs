@@ -1,7 +1,9 @@
 //! `worker bench`: the queue's throughput and pickup latency, measured on a
 //! scratch database against a real `worker run` child process.
 //!
-//! Phase 1 enqueues N noop jobs, starts the daemon and times the drain on the
+//! Phase 1 enqueues N noop jobs in one INSERT (as the app's bulk upload does,
+//! and like it leaving the table unanalyzed unless `--analyze`), starts the
+//! daemon and times the drain on the
 //! database clock (first claim to last completion). Phase 2 inserts jobs one
 //! at a time into the now idle daemon and measures, per job, the time from
 //! just before the INSERT is sent to the start of the claim statement that
@@ -37,6 +39,10 @@ pub struct BenchArgs {
     /// Keep the scratch database afterwards.
     #[arg(long)]
     pub keep: bool,
+    /// ANALYZE the table after the bulk insert. By default the drain runs on
+    /// the statistics the app's own bulk upload leaves: none.
+    #[arg(long)]
+    pub analyze: bool,
 }
 
 pub async fn run(settings: &Settings, args: BenchArgs) -> Result<()> {
@@ -57,7 +63,9 @@ async fn measure(db_settings: &DatabaseSettings, args: &BenchArgs) -> Result<()>
 
     // Phase 1: throughput.
     sql::insert_noops(&client, args.jobs).await?;
-    sql::analyze(&client).await?;
+    if args.analyze {
+        sql::analyze(&client).await?;
+    }
     let wall = Instant::now();
     let mut daemon = spawn_daemon(&db_settings.url, args.concurrency)?;
     wait_until_completed(&client, Duration::from_secs(600)).await?;
@@ -67,8 +75,13 @@ async fn measure(db_settings: &DatabaseSettings, args: &BenchArgs) -> Result<()>
     if not_once != 0 {
         bail!("{not_once} jobs ran more than once");
     }
+    let stats = if args.analyze {
+        "analyzed"
+    } else {
+        "never analyzed"
+    };
     println!(
-        "throughput: {} noop jobs at concurrency {} drained in {:.3} s = {:.0} jobs/s (first claim to last completion; {:.2} s wall including daemon start)",
+        "throughput ({stats}): {} noop jobs at concurrency {} drained in {:.3} s = {:.0} jobs/s (first claim to last completion; {:.2} s wall including daemon start)",
         args.jobs,
         args.concurrency,
         drain,

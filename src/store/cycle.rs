@@ -199,28 +199,26 @@ impl WriteCycle {
 /// kind, message), $6/$7 backoff base/max seconds, $8 worker id, $9 lease
 /// seconds; `limit` is the text of the claim's LIMIT.
 ///
-/// A job is claimed only if no job with its exclusivity key
-/// (`coalesce(document_id, id)`) is `processing`, and one statement claims
-/// at most one job per key; task types in `unkeyed` are exempt. The check
-/// reads `job_tasks_running_document_idx`. They are fixed for a worker's
+/// The jobs to claim are chosen by `docworker_claimable` (sql/0004): in
+/// the claim index's order whatever the table's statistics, and never a
+/// job whose exclusivity key (`coalesce(document_id, id)`) another job
+/// holds, task types in `unkeyed` excepted. Those are fixed for a worker's
 /// life and written into the text as constants, like the LIMIT.
 ///
-/// Both halves see the statement's snapshot, so a job handed back or
-/// scheduled for retry here is never claimed again by the same statement.
+/// The jobs whose outcomes are recorded ($1) are excluded from the claim,
+/// so a job handed back here is never claimed again by the same statement
+/// (and one scheduled for a retry is not due).
 /// The two halves' rows come out side by side (`FULL JOIN ... ON false`):
 /// a row is an outcome when `written_id` is set, a claim otherwise.
 pub fn statement(limit: &str, unkeyed: &[&str]) -> String {
-    let unkeyed = match unkeyed {
-        [] => "false".to_string(),
-        types => format!(
-            "t.task_type IN ({})",
-            types
-                .iter()
-                .map(|t| quote(t))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
+    let unkeyed = format!(
+        "ARRAY[{}]::text[]",
+        unkeyed
+            .iter()
+            .map(|t| quote(t))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let retry_at = format!(
         "now() + make_interval(secs => least($7::float8, $6::float8 * 2 ^ least(t.attempt - 1, 62)) * (1 - {BACKOFF_JITTER} * random()))"
     );
@@ -279,23 +277,10 @@ WITH o AS (
     RETURNING t.id AS written_id, t.status::text AS written_status,
         CASE WHEN p.will_retry THEN extract(epoch FROM p.retry_at - now())::float8 END AS retry_in
 ), c AS MATERIALIZED (
-    SELECT id, coalesce(document_id, id) AS key, priority, run_at FROM job_tasks t
-     WHERE status = 'pending' AND run_at <= now()
-       AND ({unkeyed} OR NOT EXISTS (
-            SELECT 1 FROM job_tasks r
-             WHERE r.status = 'processing'
-               AND coalesce(r.document_id, r.id) = coalesce(t.document_id, t.id)))
-     ORDER BY priority, run_at, id
-     LIMIT {limit}
-     FOR UPDATE SKIP LOCKED
-), first AS (
-    SELECT id FROM (
-        SELECT id, row_number() OVER (PARTITION BY key ORDER BY priority, run_at, id) AS n
-          FROM c) ranked
-     WHERE n = 1
+    SELECT id FROM docworker_claimable({limit}, {unkeyed}, $1::uuid[])
 ), claimed AS (
     UPDATE job_tasks t SET {claim_set}
-      FROM first WHERE t.id = first.id
+      FROM c WHERE t.id = c.id
     RETURNING {returning}
 )
 SELECT * FROM claimed FULL JOIN done ON false
@@ -315,7 +300,7 @@ mod tests {
     #[test]
     fn unkeyed_task_types_are_quoted_literals() {
         let sql = statement("1", &["noop", "it's"]);
-        assert!(sql.contains("t.task_type IN ('noop', 'it''s')"), "{sql}");
-        assert!(statement("1", &[]).contains("AND (false OR NOT EXISTS"));
+        assert!(sql.contains("ARRAY['noop', 'it''s']::text[]"), "{sql}");
+        assert!(statement("1", &[]).contains("ARRAY[]::text[]"));
     }
 }

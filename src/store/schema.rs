@@ -16,6 +16,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "retry_resets_progress",
         include_str!("../../sql/0003_retry_resets_progress.sql"),
     ),
+    (4, "claim", include_str!("../../sql/0004_claim.sql")),
 ];
 
 /// The schema version this binary needs.

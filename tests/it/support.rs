@@ -97,3 +97,74 @@ pub async fn install_audit(client: &Client) {
         .await
         .unwrap();
 }
+
+/// The plans of one write cycle that claims `limit` jobs (and records
+/// nothing), the statements nested in `docworker_claimable` included, as
+/// PostgreSQL ran them: `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` output by
+/// `auto_explain`, outermost last. Rolled back: nothing is claimed.
+pub async fn claim_plans(url: &str, limit: i64) -> Vec<Value> {
+    use futures_util::StreamExt;
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notice(notice) = message {
+                let _ = tx.send(notice.message().to_owned());
+            }
+        }
+    });
+    let mut sql = docworker::store::cycle::statement(&limit.to_string(), &[docworker::tasks::NOOP]);
+    for (param, value) in [
+        ("$9", "30"),
+        ("$8", "'explain-worker'"),
+        ("$7", "2"),
+        ("$6", "1"),
+        ("$5", "'{}'"),
+        ("$4", "'{}'"),
+        ("$3", "'{}'"),
+        ("$2", "'{}'"),
+        ("$1", "'{}'"),
+    ] {
+        sql = sql.replace(param, value);
+    }
+    assert!(!sql.contains('$'), "{sql}");
+    client
+        .batch_execute(
+            "LOAD 'auto_explain';
+             SET auto_explain.log_min_duration = 0;
+             SET auto_explain.log_nested_statements = on;
+             SET auto_explain.log_analyze = on;
+             SET auto_explain.log_buffers = on;
+             SET auto_explain.log_timing = off;
+             SET auto_explain.log_format = json;
+             SET auto_explain.log_level = notice;
+             SET client_min_messages = notice;
+             BEGIN",
+        )
+        .await
+        .unwrap();
+    client.batch_execute(&sql).await.unwrap();
+    client.batch_execute("ROLLBACK").await.unwrap();
+    drop(client);
+    let mut plans = Vec::new();
+    while let Some(notice) = rx.recv().await {
+        // "duration: 0.123 ms  plan:\n{...}"
+        if let Some(at) = notice.find('{') {
+            plans.push(serde_json::from_str(&notice[at..]).unwrap());
+        }
+    }
+    plans
+}
+
+/// Every node of an EXPLAIN (FORMAT JSON) plan, depth first.
+pub fn plan_nodes<'a>(node: &'a Value, out: &mut Vec<&'a Value>) {
+    out.push(node);
+    if let Some(children) = node["Plans"].as_array() {
+        for child in children {
+            plan_nodes(child, out);
+        }
+    }
+}

@@ -219,6 +219,7 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
             pool: core.pool.clone(),
             concurrency: w.concurrency,
             executor: core.executor.clone(),
+            running: core.running.clone(),
             completer: core.completer(settings),
             wake: core.wake.clone(),
             poll_interval: w.poll_interval,
@@ -345,8 +346,13 @@ async fn once(
     let Some(finished) = finished else {
         return Ok(OnceResult::Stopped { job });
     };
-    let written = write_one(completer, &core.pool, finished).await?;
-    Ok(OnceResult::Finished { job, written })
+    let key = finished.key;
+    let written = write_one(completer, &core.pool, finished).await;
+    core.running.remove(key);
+    Ok(OnceResult::Finished {
+        job,
+        written: written?,
+    })
 }
 
 /// Writes one outcome, retrying for a while if the database is unreachable.
@@ -354,17 +360,24 @@ async fn write_one(completer: &Completer, pool: &Pool, finished: Finished) -> Re
     let deadline = Instant::now() + FINAL_WRITE_TIMEOUT * 3;
     let mut delay = Duration::from_millis(100);
     loop {
-        match completer
+        let result = completer
             .write(pool, std::slice::from_ref(&finished), 0)
-            .await
-        {
-            Ok(mut cycle) => {
-                let Some(written) = cycle.written.pop() else {
-                    bail!("the outcome was not written");
-                };
+            .await;
+        match result.map(|mut cycle| cycle.written.pop()) {
+            Ok(Some(Written::Deferred)) if Instant::now() < deadline => {
+                tracing::info!(
+                    "the job's row is locked by another transaction; waiting to record the outcome"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Ok(Some(Written::Deferred)) => {
+                bail!("the job's row stayed locked by another transaction; its outcome was not recorded")
+            }
+            Ok(Some(written)) => {
                 finished.after_written(&written).await;
                 return Ok(written);
             }
+            Ok(None) => bail!("the outcome was not written"),
             Err(e) if Instant::now() < deadline => {
                 tracing::warn!(error = %format!("{e:#}"), "could not record the outcome; retrying");
                 tokio::time::sleep(delay).await;

@@ -124,11 +124,11 @@ impl Pipeline {
         ctx.set_stage(Stage::Parsing).await?;
         let file_path = job.file_path.as_deref().unwrap_or_default();
         let user_metadata = user_metadata(&job.options)?;
-        let upload = source::resolve(&self.files, file_path)?;
         let max_bytes = self.files.max_file_mb * 1_000_000;
-        let real = upload.real.clone();
-        let file = blocking("reading the file", self.files.parse_timeout, move || {
-            source::read(&real, max_bytes)
+        let (files, path) = (self.files.clone(), file_path.to_owned());
+        let (named, file) = blocking("reading the file", self.files.parse_timeout, move || {
+            let upload = source::open(&files, &path)?;
+            Ok((upload.named, source::read(upload.file, max_bytes)?))
         })
         .await?;
 
@@ -149,7 +149,7 @@ impl Pipeline {
                 "note": "same file and settings as already indexed; not embedded again",
             }))
             .await?;
-            ctx.after_commit(dispose(&self.files, &upload.named));
+            ctx.after_commit(dispose(&self.files, &named));
             return Ok(());
         }
 
@@ -204,7 +204,7 @@ impl Pipeline {
             "generation": meta.generation,
         }))
         .await?;
-        ctx.after_commit(dispose(&self.files, &upload.named));
+        ctx.after_commit(dispose(&self.files, &named));
         Ok(())
     }
 

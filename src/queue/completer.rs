@@ -48,6 +48,8 @@ pub struct Finished {
     pub outcome: Outcome,
     /// Run once the completion is recorded, and only then.
     pub after_commit: Option<AfterCommit>,
+    /// Times its write found the row locked by another transaction.
+    pub deferrals: u32,
 }
 
 impl Finished {
@@ -57,6 +59,7 @@ impl Finished {
             batch_id,
             outcome,
             after_commit: None,
+            deferrals: 0,
         }
     }
 
@@ -77,7 +80,6 @@ impl Finished {
     fn ended(&self) -> Ended<'_> {
         Ended {
             key: self.key,
-            batch_id: self.batch_id,
             ending: match &self.outcome {
                 Outcome::Completed => Ending::Completed,
                 Outcome::Failed(e) => Ending::Failed {

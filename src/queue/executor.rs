@@ -54,7 +54,11 @@ impl Executor {
             metrics::job_claimed(job.waited);
             let outcome = self.run_body(&job, &stop, &ctx).await;
             ctx.end_stage();
-            self.running.remove(job.key);
+            if outcome.is_none() {
+                // Nothing to write. A job with an outcome stays registered,
+                // its lease renewed, until the outcome is written.
+                self.running.remove(job.key);
+            }
             let elapsed_ms = started.elapsed().as_millis() as u64;
             let label = match &outcome {
                 Some(Outcome::Completed) => {
@@ -95,6 +99,7 @@ impl Executor {
                 batch_id: job.batch_id,
                 outcome,
                 after_commit,
+                deferrals: 0,
             })
         }
         .instrument(span)

@@ -73,6 +73,13 @@ impl Heartbeat {
         for lost in lost {
             let key = lost.key;
             renewed.retain(|r| *r != key);
+            if lost.busy {
+                // Still ours, its row locked by someone else: its lease runs
+                // on from the last renewal, and stop_expiring stops it only
+                // if the lock outlasts that lease.
+                tracing::debug!(job = %key.id, "lease not renewed: another transaction holds the row");
+                continue;
+            }
             // A job that finished since the snapshot is simply gone: no news.
             if lost.status == Some(JobStatus::Cancelled) {
                 if self.running.stop(key, StopReason::Cancelled) {

@@ -5,6 +5,8 @@
 //!   no attempts remain. This is how a SIGKILLed worker's job runs again.
 //! - Prune: finished rows older than the retention are deleted a few hundred
 //!   at a time, so the table and its indexes stay small.
+//! - Rollups: batches whose rollup a task write skipped, because another
+//!   transaction held the batch, are recounted about once a second.
 //!
 //! Every replica sweeps; SKIP LOCKED keeps them out of each other's way.
 
@@ -24,6 +26,10 @@ use crate::store::{sweep, JobStatus};
 const RESCUE_BATCH: i64 = 200;
 /// Prune statements per sweep at most, so one sweep never runs long.
 const PRUNE_ROUNDS: usize = 20;
+/// How often batches whose rollup was skipped (their row was locked by
+/// another transaction) are recounted, and how many at a time.
+const ROLLUP_EVERY: Duration = Duration::from_secs(1);
+const ROLLUP_BATCH: i32 = 100;
 
 pub struct Maintenance {
     pub pool: Pool,
@@ -37,11 +43,19 @@ pub struct Maintenance {
 
 impl Maintenance {
     pub async fn run(self, stop: CancellationToken) {
+        let mut next_sweep = tokio::time::Instant::now() + jittered(self.interval);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(jittered(self.interval)) => {}
+                _ = tokio::time::sleep(jittered(ROLLUP_EVERY)) => {
+                    if let Err(e) = sweep::refresh_dirty_batches(&self.pool, ROLLUP_BATCH).await {
+                        tracing::warn!(error = %format!("{e:#}"), "refreshing batch rollups failed");
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(next_sweep) => {}
             }
+            next_sweep = tokio::time::Instant::now() + jittered(self.interval);
             if let Err(e) = self.rescue_expired().await {
                 tracing::warn!(error = %format!("{e:#}"), "lease sweep failed");
             }

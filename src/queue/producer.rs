@@ -22,6 +22,7 @@ use super::executor::Executor;
 use super::health::{Health, BEAT_EVERY};
 use super::job::ClaimedJob;
 use super::notifier::jittered;
+use super::running::RunningJobs;
 use super::slots::Slots;
 use crate::observe::metrics;
 use crate::store::Written;
@@ -32,6 +33,12 @@ const MAX_BATCH: usize = 1_000;
 /// it writes: jobs claimed together tend to finish together, and one full
 /// cycle costs the database what a single-job cycle does.
 const GATHER_YIELDS: usize = 3;
+/// How soon an outcome whose row another transaction holds is tried again:
+/// at once at first (another worker's claim may hold it for a moment while
+/// it re-checks the row), then backing off to the longest wait, for a row
+/// the app holds.
+const DEFERRED_FIRST: Duration = Duration::from_millis(2);
+const DEFERRED_LONGEST: Duration = Duration::from_millis(500);
 
 /// An executor's report: the outcome to record, or none (the job is no
 /// longer ours). Either way its slot comes back once this is handled.
@@ -42,6 +49,9 @@ pub struct Producer {
     /// The number of slots.
     pub concurrency: usize,
     pub executor: Arc<Executor>,
+    /// A job leaves it once its outcome is written (the heartbeat renews
+    /// its lease until then).
+    pub running: Arc<RunningJobs>,
     pub completer: Completer,
     pub wake: Arc<Notify>,
     pub poll_interval: Duration,
@@ -62,6 +72,7 @@ impl Producer {
         let mut error_backoff = Duration::from_millis(100);
         loop {
             self.health.beat();
+            slots.take_due(Instant::now());
             let claiming = !stop_claiming.is_cancelled();
             if !claiming && slots.in_use() == 0 {
                 return;
@@ -69,6 +80,7 @@ impl Producer {
             let free = slots.free_after_write();
             if slots.unwritten.is_empty() && !(claiming && busy && free > 0) {
                 let can_claim = claiming && free > 0;
+                let deferred_due = slots.next_due().map(tokio::time::Instant::from_std);
                 tokio::select! {
                     report = rx.recv() => {
                         // The producer holds a sender, so the channel never closes.
@@ -82,6 +94,7 @@ impl Producer {
                         busy = true;
                         next_poll = tokio::time::Instant::now() + jittered(self.poll_interval);
                     }
+                    _ = sleep_until_some(deferred_due), if deferred_due.is_some() => continue,
                     _ = abandon.cancelled() => return,
                     // Nothing to do; turning shows the loop is alive.
                     _ = tokio::time::sleep(BEAT_EVERY) => continue,
@@ -110,6 +123,16 @@ impl Producer {
                     error_backoff = Duration::from_millis(100);
                     let recorded = slots.cycle_done(cycle.claimed.len());
                     for (finished, written) in recorded.into_iter().zip(&cycle.written) {
+                        if *written == Written::Deferred {
+                            let mut finished = finished;
+                            let wait = DEFERRED_FIRST
+                                .saturating_mul(1 << finished.deferrals.min(16))
+                                .min(DEFERRED_LONGEST);
+                            finished.deferrals += 1;
+                            slots.defer(finished, Instant::now() + wait);
+                            continue;
+                        }
+                        self.running.remove(finished.key);
                         if let Written::Applied {
                             retry_in: Some(delay),
                             ..
@@ -173,6 +196,12 @@ impl Producer {
             tokio::time::sleep(delay).await;
             wake.notify_one();
         });
+    }
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
     }
 }
 

@@ -5,7 +5,11 @@
 //! it reports that there is nothing to write). Outcomes waiting to be
 //! written still hold their slots, but a write cycle frees them and claims
 //! in the same statement, so a cycle may claim as many jobs as the slots
-//! free now plus those it is about to free.
+//! free now plus those it is about to free. An outcome whose row was locked
+//! by another transaction is deferred: it keeps its slot and is written
+//! again once it is due.
+
+use std::time::Instant;
 
 use super::completer::Finished;
 
@@ -16,6 +20,8 @@ pub struct Slots {
     in_use: usize,
     /// Outcomes reported and waiting for the next write cycle.
     pub unwritten: Vec<Finished>,
+    /// Outcomes whose rows were locked, and when to try them again.
+    deferred: Vec<(Finished, Instant)>,
 }
 
 impl Slots {
@@ -24,7 +30,30 @@ impl Slots {
             size,
             in_use: 0,
             unwritten: Vec::new(),
+            deferred: Vec::new(),
         }
+    }
+
+    /// Keeps an outcome that could not be written (its row was locked)
+    /// and its slot, until `due`. The write cycle that deferred it claimed
+    /// one job fewer for it.
+    pub fn defer(&mut self, finished: Finished, due: Instant) {
+        self.in_use += 1;
+        self.deferred.push((finished, due));
+    }
+
+    /// Moves the deferred outcomes due by `now` back to be written.
+    pub fn take_due(&mut self, now: Instant) {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|(_, at)| *at <= now);
+        self.deferred = later;
+        self.unwritten.extend(due.into_iter().map(|(f, _)| f));
+    }
+
+    /// When the next deferred outcome is due, if any.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.deferred.iter().map(|(_, at)| *at).min()
     }
 
     pub fn in_use(&self) -> usize {
@@ -33,7 +62,7 @@ impl Slots {
 
     /// Slots free once the unwritten outcomes are recorded.
     pub fn free_after_write(&self) -> usize {
-        self.size - self.in_use + self.unwritten.len()
+        self.size.saturating_sub(self.in_use) + self.unwritten.len()
     }
 
     /// Whether every running job has reported: nothing more to gather.
@@ -59,8 +88,9 @@ impl Slots {
         }
     }
 
-    /// A write cycle recorded every unwritten outcome and claimed `claimed`
-    /// jobs; returns the outcomes, in the order written.
+    /// A write cycle handled every unwritten outcome and claimed `claimed`
+    /// jobs; returns the outcomes, in the order given (those it deferred go
+    /// back through [`Slots::defer`]).
     pub fn cycle_done(&mut self, claimed: usize) -> Vec<Finished> {
         self.in_use -= self.unwritten.len();
         self.in_use += claimed;
@@ -123,6 +153,32 @@ mod tests {
         assert!(s.all_reported());
         s.cycle_done(0);
         assert_eq!(s.in_use(), 0);
+    }
+
+    #[test]
+    fn a_deferred_outcome_keeps_its_slot_until_it_is_written() {
+        let mut s = Slots::new(2);
+        s.cycle_done(2);
+        s.reported(finished(1));
+        let now = Instant::now();
+        let written = s.cycle_done(0);
+        for f in written {
+            s.defer(f, now + std::time::Duration::from_millis(250));
+        }
+        assert_eq!(s.in_use(), 2, "the deferred job still holds its slot");
+        assert_eq!(s.to_claim(true), 0);
+        s.take_due(now);
+        assert!(s.unwritten.is_empty(), "not due yet");
+        assert_eq!(
+            s.next_due(),
+            Some(now + std::time::Duration::from_millis(250))
+        );
+        s.take_due(now + std::time::Duration::from_secs(1));
+        assert_eq!(s.unwritten.len(), 1);
+        assert_eq!(s.next_due(), None);
+        assert_eq!(s.to_claim(true), 1, "writing it frees its slot");
+        s.cycle_done(0);
+        assert_eq!(s.in_use(), 1);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! depends on `attempt < max_attempts`, and the retry time comes from the
 //! database clock.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -23,13 +23,6 @@ use super::state::{ErrorKind, JobStatus};
 
 /// The largest share of a retry delay that jitter may take off.
 pub const BACKOFF_JITTER: f64 = 0.25;
-
-/// Locks the batches $1 in id order. Every writer that may finish tasks of
-/// several batches in one statement takes this first, so that the rollup
-/// trigger, which locks a batch per finished task, never finds them locked
-/// crosswise by another writer.
-pub(crate) const LOCK_BATCHES_SQL: &str =
-    "SELECT 1 FROM job_batches WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE";
 
 /// How an attempt ended, as the row records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +41,6 @@ pub enum Ending<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct Ended<'a> {
     pub key: Attempt,
-    pub batch_id: Option<Uuid>,
     pub ending: Ending<'a>,
 }
 
@@ -62,6 +54,9 @@ pub enum Written {
     },
     /// The fence refused the write: the job is no longer ours.
     Rejected,
+    /// Another transaction holds the row's lock: nothing was written, and
+    /// the outcome is to be written again later.
+    Deferred,
 }
 
 /// What one write cycle did.
@@ -109,7 +104,6 @@ impl WriteCycle {
         let mut outcomes = Vec::with_capacity(ended.len());
         let mut kinds: Vec<Option<&str>> = Vec::with_capacity(ended.len());
         let mut messages: Vec<Option<&str>> = Vec::with_capacity(ended.len());
-        let mut batches = BTreeSet::new();
         for e in ended {
             ids.push(e.key.id);
             attempts.push(e.key.attempt);
@@ -121,7 +115,6 @@ impl WriteCycle {
             outcomes.push(outcome);
             kinds.push(kind);
             messages.push(message);
-            batches.extend(e.batch_id);
         }
         let handed_back = outcomes.contains(&"handback");
         let worker_id: &str = &self.worker_id;
@@ -143,24 +136,17 @@ impl WriteCycle {
 
         let mut client = pool.get().await?;
         let claimed_at = Instant::now();
-        let rows = if batches.is_empty() && !handed_back {
+        let rows = if !handed_back {
             // The common case is one autocommit statement: one round trip.
             let stmt = client.prepare_cached(&sql).await?;
             client.query(&stmt, &params).await?
         } else {
             let tx = client.transaction().await?;
-            if !batches.is_empty() {
-                let batches: Vec<Uuid> = batches.into_iter().collect();
-                let lock = tx.prepare_cached(LOCK_BATCHES_SQL).await?;
-                tx.execute(&lock, &[&batches]).await?;
-            }
             let stmt = tx.prepare_cached(&sql).await?;
             let rows = tx.query(&stmt, &params).await?;
-            if handed_back {
-                // Handed-back jobs are due now: wake the other workers.
-                tx.execute("SELECT pg_notify('docworker_jobs', '')", &[])
-                    .await?;
-            }
+            // Handed-back jobs are due now: wake the other workers.
+            tx.execute("SELECT pg_notify('docworker_jobs', '')", &[])
+                .await?;
             tx.commit().await?;
             rows
         };
@@ -168,6 +154,10 @@ impl WriteCycle {
         let mut written = HashMap::with_capacity(ended.len());
         let mut claimed = Vec::new();
         for row in &rows {
+            if let Some(id) = row.get::<_, Option<Uuid>>("deferred_id") {
+                written.insert(id, Written::Deferred);
+                continue;
+            }
             match row.get::<_, Option<Uuid>>("written_id") {
                 Some(id) => {
                     let status: String = row.get("written_status");
@@ -208,8 +198,13 @@ impl WriteCycle {
 /// The jobs whose outcomes are recorded ($1) are excluded from the claim,
 /// so a job handed back here is never claimed again by the same statement
 /// (and one scheduled for a retry is not due).
-/// The two halves' rows come out side by side (`FULL JOIN ... ON false`):
-/// a row is an outcome when `written_id` is set, a claim otherwise.
+/// An outcome whose row another transaction has locked (the app's open
+/// cancel, a `SELECT ... FOR UPDATE`) is skipped, not waited for, and
+/// reported as deferred: one locked row delays only its own job.
+///
+/// The halves' rows come out side by side (`FULL JOIN ... ON false`): a row
+/// is a deferred outcome when `deferred_id` is set, a written one when
+/// `written_id` is, a claim otherwise.
 pub fn statement(limit: &str, unkeyed: &[&str]) -> String {
     let unkeyed = format!(
         "ARRAY[{}]::text[]",
@@ -225,16 +220,24 @@ pub fn statement(limit: &str, unkeyed: &[&str]) -> String {
     let claim_set = claim_set("$8", "$9");
     let returning = returning();
     let fenced = fence("p.id", "p.attempt", "$8");
+    let fenced_o = fence("o.id", "o.attempt", "$8");
     format!(
         r#"
 WITH o AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[])
         AS o(id, attempt, outcome, kind, message)
+), ours AS MATERIALIZED (
+    SELECT t.id FROM job_tasks t JOIN o ON t.id = o.id WHERE {fenced_o}
+), locked AS MATERIALIZED (
+    SELECT t.id FROM job_tasks t JOIN o ON t.id = o.id WHERE {fenced_o}
+       FOR NO KEY UPDATE OF t SKIP LOCKED
 ), p AS (
     SELECT o.*,
            (o.outcome = 'failed' AND o.kind = 'transient' AND t.attempt < t.max_attempts) AS will_retry,
            {retry_at} AS retry_at
-      FROM o JOIN job_tasks t ON t.id = o.id
+      FROM o JOIN locked l ON l.id = o.id JOIN job_tasks t ON t.id = o.id
+), deferred AS (
+    SELECT id AS deferred_id FROM ours WHERE id NOT IN (SELECT id FROM locked)
 ), done AS (
     UPDATE job_tasks t SET
         status = CASE
@@ -277,13 +280,15 @@ WITH o AS (
     RETURNING t.id AS written_id, t.status::text AS written_status,
         CASE WHEN p.will_retry THEN extract(epoch FROM p.retry_at - now())::float8 END AS retry_in
 ), c AS MATERIALIZED (
-    SELECT id FROM docworker_claimable({limit}, {unkeyed}, $1::uuid[])
+    -- A deferred outcome keeps its slot: claim that many fewer.
+    SELECT id FROM docworker_claimable(
+        {limit} - (SELECT count(*)::int FROM deferred), {unkeyed}, $1::uuid[])
 ), claimed AS (
     UPDATE job_tasks t SET {claim_set}
       FROM c WHERE t.id = c.id
     RETURNING {returning}
 )
-SELECT * FROM claimed FULL JOIN done ON false
+SELECT * FROM claimed FULL JOIN done ON false FULL JOIN deferred ON false
 "#
     )
 }

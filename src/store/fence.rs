@@ -65,10 +65,14 @@ impl Fence<'_> {
 pub struct NotRenewed {
     pub key: Attempt,
     pub status: Option<JobStatus>,
+    /// Still ours, but another transaction holds the row's lock: skipped
+    /// this time rather than waited for, so one locked row cannot hold up
+    /// the renewal of the others.
+    pub busy: bool,
 }
 
 /// Renews the leases of `held` by `lease` in one statement; returns those
-/// it could not renew.
+/// it could not renew. Rows locked by another transaction are skipped.
 pub async fn renew_leases(
     pool: &Pool,
     worker_id: &str,
@@ -78,14 +82,23 @@ pub async fn renew_leases(
     let sql = format!(
         "WITH mine AS (
              SELECT * FROM unnest($1::uuid[], $2::int[]) AS m(id, attempt)
+         ), ours AS MATERIALIZED (
+             SELECT t.id FROM job_tasks t JOIN mine ON t.id = mine.id WHERE {0}
+         ), locked AS MATERIALIZED (
+             -- The fence again: a row changed since this statement's
+             -- snapshot (completed by our own write cycle a moment ago) is
+             -- re-checked as it is now.
+             SELECT t.id FROM job_tasks t JOIN mine ON t.id = mine.id WHERE {0}
+                FOR NO KEY UPDATE OF t SKIP LOCKED
          ), renewed AS (
              UPDATE job_tasks t
                 SET locked_until = now() + make_interval(secs => $4::float8), heartbeat_at = now()
-               FROM mine
-              WHERE {}
+               FROM locked JOIN mine ON mine.id = locked.id
+              WHERE {0}
              RETURNING t.id
          )
-         SELECT m.id, m.attempt, t.status::text AS status
+         SELECT m.id, m.attempt, t.status::text AS status,
+                m.id IN (SELECT id FROM ours) AS busy
            FROM mine m LEFT JOIN job_tasks t ON t.id = m.id
           WHERE m.id NOT IN (SELECT id FROM renewed)",
         fence("mine.id", "mine.attempt", "$3")
@@ -106,6 +119,7 @@ pub async fn renew_leases(
                     attempt: row.get("attempt"),
                 },
                 status: status.map(|s| s.parse()).transpose()?,
+                busy: row.get("busy"),
             })
         })
         .collect()

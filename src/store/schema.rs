@@ -17,6 +17,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/0003_retry_resets_progress.sql"),
     ),
     (4, "claim", include_str!("../../sql/0004_claim.sql")),
+    (
+        5,
+        "rollup_never_waits",
+        include_str!("../../sql/0005_rollup_never_waits.sql"),
+    ),
 ];
 
 /// The schema version this binary needs.

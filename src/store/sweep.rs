@@ -6,7 +6,6 @@ use anyhow::Result;
 use deadpool_postgres::Pool;
 use uuid::Uuid;
 
-use super::cycle::LOCK_BATCHES_SQL;
 use super::state::JobStatus;
 
 const RESCUE_SQL: &str = "
@@ -43,13 +42,6 @@ FROM p
 WHERE t.id = p.id
 RETURNING t.id, t.status::text AS status";
 
-const EXPIRED_BATCHES_SQL: &str = "
-SELECT DISTINCT batch_id FROM (
-    SELECT batch_id FROM job_tasks
-     WHERE status = 'processing' AND locked_until < now() AND batch_id IS NOT NULL
-     ORDER BY locked_until
-     LIMIT $1) expired";
-
 const PRUNE_TASKS_SQL: &str = "
 DELETE FROM job_tasks WHERE id IN (
     SELECT t.id FROM job_tasks t LEFT JOIN job_batches b ON b.id = t.batch_id
@@ -76,17 +68,6 @@ DELETE FROM job_batches WHERE id IN (
 pub async fn rescue_expired(pool: &Pool, limit: i64) -> Result<Vec<(Uuid, JobStatus)>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    // Jobs that run out of attempts here finish, and their batches are
-    // rolled up: lock those batches first, as the write cycle does.
-    let batches: Vec<Uuid> = tx
-        .query(EXPIRED_BATCHES_SQL, &[&limit])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    if !batches.is_empty() {
-        tx.execute(LOCK_BATCHES_SQL, &[&batches]).await?;
-    }
     let mut rescued = Vec::new();
     for row in tx.query(RESCUE_SQL, &[&limit]).await? {
         let status: String = row.get("status");
@@ -114,4 +95,15 @@ pub async fn prune_batches(pool: &Pool, retention_secs: f64, limit: i64) -> Resu
     let client = pool.get().await?;
     let stmt = client.prepare_cached(PRUNE_BATCHES_SQL).await?;
     Ok(client.execute(&stmt, &[&retention_secs, &limit]).await?)
+}
+
+/// Recounts up to `limit` batches whose rollup was skipped because another
+/// transaction held them (sql/0005), those that can be locked now; returns
+/// how many.
+pub async fn refresh_dirty_batches(pool: &Pool, limit: i32) -> Result<i32> {
+    let client = pool.get().await?;
+    let stmt = client
+        .prepare_cached("SELECT docworker_refresh_dirty_batches($1)")
+        .await?;
+    Ok(client.query_one(&stmt, &[&limit]).await?.get(0))
 }

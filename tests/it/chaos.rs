@@ -857,7 +857,19 @@ async fn database_restart_loses_no_jobs() {
                 OR finished_at IS NULL"
         )
         .await,
-        0
+        0,
+        "{:#?}",
+        db.client
+            .query(
+                "SELECT to_jsonb(t)::text FROM job_tasks t WHERE locked_by IS NOT NULL
+                    OR locked_until IS NOT NULL OR finished_at IS NULL",
+                &[]
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
     );
     // The long jobs lost their leases during the outage and ran again; every
     // job that ran twice says why.

@@ -2,19 +2,23 @@
 //! whose statistics are missing or stale, rows and batches locked by
 //! another transaction, and rows that wait between attempts.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use docworker::queue::completer::{Finished, Outcome};
 use docworker::queue::job::JobError;
 use docworker::queue::maintenance::Maintenance;
 use docworker::queue::running::StopSignal;
 use docworker::queue::JobContext;
-use docworker::store::Stage;
+use docworker::store::{Stage, Written};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::harness::{exclusive, pool, shared, ActingWorker, TestDb};
+use crate::harness::{
+    connect, exclusive, pool, shared, timed, ActingWorker, TestDb, WorkerProcess,
+};
+use crate::services;
+use crate::stack::{Stack, JOB_DEADLINE};
 use crate::support::{claim_plans, plan_nodes, row_json};
 
 /// Claims `id` as `worker` and has its body report a stage, counts and a
@@ -203,21 +207,46 @@ async fn one_document_never_runs_twice_under_concurrent_claims() {
         workers.push(tokio::spawn(async move {
             let id = format!("dup-worker-{w}");
             let worker = ActingWorker::new(&url, &id);
+            let watcher = connect(&url).await;
+            let start = Instant::now();
             let mut done = 0;
-            let mut idle = 0;
-            while idle < 50 {
+            loop {
                 let claimed = worker.claim(3).await;
                 if claimed.is_empty() {
-                    idle += 1;
+                    let open: i64 = watcher
+                        .query_one(
+                            "SELECT count(*) FROM job_tasks WHERE status <> 'completed'",
+                            &[],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    if open == 0 {
+                        break;
+                    }
+                    assert!(
+                        start.elapsed() < Duration::from_secs(60),
+                        "{open} jobs left"
+                    );
                     tokio::time::sleep(Duration::from_millis(2)).await;
                     continue;
                 }
-                idle = 0;
                 for job in claimed {
-                    let written = worker
-                        .record(Finished::new(job.key, job.batch_id, Outcome::Completed))
-                        .await;
-                    assert!(written.is_some());
+                    // Another worker's claim may hold the row for a moment
+                    // (it locks rows it re-checks): try again, as the
+                    // producer does.
+                    loop {
+                        let written = worker
+                            .record(Finished::new(job.key, job.batch_id, Outcome::Completed))
+                            .await;
+                        match written {
+                            Some(Written::Applied { .. }) => break,
+                            Some(Written::Deferred) => {
+                                tokio::time::sleep(Duration::from_millis(1)).await
+                            }
+                            other => panic!("{other:?}"),
+                        }
+                    }
                     done += 1;
                 }
             }
@@ -236,4 +265,246 @@ async fn one_document_never_runs_twice_under_concurrent_claims() {
             .await,
         450
     );
+}
+
+async fn completed(db: &TestDb) -> i64 {
+    db.count("SELECT count(*) FROM job_tasks WHERE status = 'completed'")
+        .await
+}
+
+/// The app's documented cancel, left open in a transaction (the rollup
+/// trigger then holds the batch row), and then a `SELECT ... FOR UPDATE` on
+/// the batch: the rest of the batch keeps completing meanwhile, nothing runs
+/// twice, and the rollup is exact once the locks are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_locked_by_the_app_delays_only_itself() {
+    let _gate = timed().await;
+    let db = shared().database(true).await;
+    const N: i64 = 1500;
+    let tasks: Vec<Value> = (0..N)
+        .map(|i| json!({"filename": format!("b{i}"), "task_type": "noop", "options": {"sleep_ms": 50}}))
+        .collect();
+    let rows = db
+        .client
+        .query(
+            "SELECT batch_id, task_id FROM docworker_enqueue_batch($1)",
+            &[&Value::Array(tasks)],
+        )
+        .await
+        .unwrap();
+    let batch: Uuid = rows[0].get(0);
+    let worker = WorkerProcess::spawn(&db.url, &[("DOCWORKER__WORKER__CONCURRENCY", "8")]);
+    let start = Instant::now();
+    while completed(&db).await < 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            worker.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pending: Uuid = db
+        .client
+        .query_one(
+            "SELECT id FROM job_tasks WHERE status = 'pending' ORDER BY priority, run_at, id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // 1. A pending task cancelled in a transaction left open; 2. the batch
+    // row itself locked.
+    let app = connect(&db.url).await;
+    for (what, sql, id) in [
+        (
+            "the app's open cancel",
+            "UPDATE job_tasks SET status = 'cancelled' WHERE id = $1",
+            pending,
+        ),
+        (
+            "a lock on the batch row",
+            "SELECT 1 FROM job_batches WHERE id = $1 FOR UPDATE",
+            batch,
+        ),
+    ] {
+        app.batch_execute("BEGIN").await.unwrap();
+        app.execute(sql, &[&id]).await.unwrap();
+        let before = completed(&db).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let during = completed(&db).await - before;
+        app.batch_execute("COMMIT").await.unwrap();
+        assert!(
+            during >= 30 || completed(&db).await == N - 1,
+            "only {during} jobs completed during 3 s of {what}; log:\n{}",
+            worker.logs()
+        );
+    }
+
+    db.wait_count(
+        "SELECT count(*) FROM job_tasks WHERE status = 'completed'",
+        N - 1,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM job_tasks WHERE attempt > 1")
+            .await,
+        0,
+        "a finished job ran again while its outcome waited"
+    );
+    // Exact once the locks are gone (the workers recount about once a second).
+    let start = Instant::now();
+    loop {
+        let row = db
+            .client
+            .query_one(
+                "SELECT status::text, completed_tasks, failed_tasks FROM job_batches WHERE id = $1",
+                &[&batch],
+            )
+            .await
+            .unwrap();
+        let state: (String, i32, i32) = (row.get(0), row.get(1), row.get(2));
+        if state == ("completed_with_errors".to_string(), N as i32 - 1, 1) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the batch rollup stayed {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Another session holds one running job's row locked for longer than a
+/// lease: the heartbeat keeps renewing the others, which finish at their
+/// first attempt; only the locked job may have to run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_running_row_delays_only_its_own_job() {
+    let _gate = timed().await;
+    let db = shared().database(true).await;
+    let ids = db.noop_jobs(8, json!({"sleep_ms": 9000})).await;
+    let worker = WorkerProcess::spawn(&db.url, &[("DOCWORKER__WORKER__CONCURRENCY", "8")]);
+    db.wait_count(
+        "SELECT count(*) FROM job_tasks WHERE status = 'processing' AND stage = 'sleeping'",
+        8,
+        Duration::from_secs(20),
+    )
+    .await;
+    let app = connect(&db.url).await;
+    app.batch_execute("BEGIN").await.unwrap();
+    app.execute(
+        "SELECT 1 FROM job_tasks WHERE id = $1 FOR UPDATE",
+        &[&ids[0]],
+    )
+    .await
+    .unwrap();
+    // Longer than the 3 s lease (harness::FAST).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    app.batch_execute("COMMIT").await.unwrap();
+    db.wait_count(
+        "SELECT count(*) FROM job_tasks WHERE status = 'completed'",
+        8,
+        Duration::from_secs(40),
+    )
+    .await;
+    let rerun = db
+        .count("SELECT count(*) FROM job_tasks WHERE attempt > 1")
+        .await;
+    let others_rerun: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM job_tasks WHERE attempt > 1 AND id <> $1",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        others_rerun,
+        0,
+        "{rerun} jobs ran again, the locked one aside; log:\n{}",
+        worker.logs()
+    );
+}
+
+/// Someone who can write inside the upload root swaps a directory for a
+/// symlink to one outside it, over and over, while a few hundred jobs read
+/// a file through that directory: nothing from outside reaches Chroma.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_swap_race_never_indexes_a_byte_from_outside_the_root() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let _gate = timed().await;
+    let mut stack = Stack::new().await;
+    stack
+        .set("DOCWORKER__WORKER__CONCURRENCY", "4")
+        .set("DOCWORKER__FILES__AFTER_SUCCESS", "keep");
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(outside.path().join("docs")).unwrap();
+    std::fs::write(
+        outside.path().join("docs/page.txt"),
+        "SECRETOUTSIDE root password hunter2 lives outside the upload directory.",
+    )
+    .unwrap();
+    stack.write(
+        "docs/page.txt",
+        "Inside the upload root: a plain page about lighthouses and their keepers.",
+    );
+    let files: Vec<(&str, &std::path::Path)> =
+        vec![("page.txt", std::path::Path::new("docs/page.txt")); 300];
+    let (_, ids) = stack.enqueue_batch(&files).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = std::thread::spawn({
+        let root = stack.uploads.path().to_path_buf();
+        let target = outside.path().join("docs");
+        let stop = stop.clone();
+        move || {
+            let (docs, real, link) = (
+                root.join("docs"),
+                root.join("docs.real"),
+                root.join("docs.link"),
+            );
+            std::os::unix::fs::symlink(&target, &link).unwrap();
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                std::fs::rename(&docs, &real).unwrap();
+                std::fs::rename(&link, &docs).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+                std::fs::rename(&docs, &link).unwrap();
+                std::fs::rename(&real, &docs).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+                swaps += 1;
+            }
+            swaps
+        }
+    });
+    let worker = stack.worker();
+    let start = Instant::now();
+    for id in &ids {
+        let left = JOB_DEADLINE.saturating_sub(start.elapsed()) + Duration::from_secs(60);
+        stack.wait_finished(*id, left).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    let completed = stack
+        .db
+        .count("SELECT count(*) FROM job_tasks WHERE status = 'completed'")
+        .await;
+    let records = services::get_where(&stack.chroma_url, &stack.collection, json!({})).await;
+    let leaked = records["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d.as_str().unwrap_or("").contains("SECRETOUTSIDE"))
+        .count();
+    eprintln!("{completed} of 300 jobs completed during {swaps} swaps; {leaked} leaked");
+    assert_eq!(leaked, 0, "text from outside the upload root was indexed");
+    assert!(
+        completed > 0,
+        "no job read the file at all; log:\n{}",
+        worker.logs()
+    );
+    assert!(swaps > 100, "the swap loop barely ran ({swaps})");
 }

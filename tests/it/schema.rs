@@ -92,12 +92,12 @@ async fn migrate_creates_everything_then_says_up_to_date() {
 
     let (code, out, err) = worker(&db.url, &["migrate"], &[]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("applied migrations [1, 2, 3, 4]"), "{out}");
+    assert!(out.contains("applied migrations [1, 2, 3, 4, 5]"), "{out}");
     assert_schema_complete(&db.client).await;
 
     let (code, out, err) = worker(&db.url, &["migrate"], &[]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("schema is up to date (version 4)"), "{out}");
+    assert!(out.contains("schema is up to date (version 5)"), "{out}");
 
     let rows = db
         .client
@@ -114,7 +114,8 @@ async fn migrate_creates_everything_then_says_up_to_date() {
             (1, "queue".to_string()),
             (2, "pipeline".to_string()),
             (3, "retry_resets_progress".to_string()),
-            (4, "claim".to_string())
+            (4, "claim".to_string()),
+            (5, "rollup_never_waits".to_string())
         ]
     );
 }
@@ -138,7 +139,7 @@ async fn concurrent_migrations_apply_the_schema_once() {
     for run in runs {
         let (code, out, err) = run.await.unwrap();
         assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-        if out.contains("applied migrations [1, 2, 3, 4]") {
+        if out.contains("applied migrations [1, 2, 3, 4, 5]") {
             applied += 1;
         } else if out.contains("schema is up to date") {
             up_to_date += 1;
@@ -149,7 +150,7 @@ async fn concurrent_migrations_apply_the_schema_once() {
     assert_eq!((applied, up_to_date), (1, 3));
     assert_eq!(
         db.count("SELECT count(*) FROM docworker_migrations").await,
-        4
+        5
     );
     assert_schema_complete(&db.client).await;
     // Applied once: one claim index, one rollup trigger.
@@ -254,7 +255,7 @@ async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
 
     let (code, out, err) = worker(&db.url, &["migrate"], &[]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("applied migrations [1, 2, 3, 4]"), "{out}");
+    assert!(out.contains("applied migrations [1, 2, 3, 4, 5]"), "{out}");
     assert_schema_complete(c).await;
 
     // Every row kept with its values, the app's other table untouched.
@@ -371,7 +372,12 @@ async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
             .await
             .unwrap()
             .get(0);
-        assert!(message.contains("does not exist"), "{id}: {message}");
+        // Its absolute path lies outside this test's upload root: refused as
+        // outside, whether or not such a file exists (no oracle).
+        assert!(
+            message.contains("does not exist") || message.contains("outside the upload directory"),
+            "{id}: {message}"
+        );
     }
     let row = c
         .query_one(
@@ -735,37 +741,15 @@ async fn a_batch_waits_for_every_announced_task() {
 }
 
 /// Waits until backend `pid` waits on a lock.
-async fn wait_until_blocked(observer: &Client, pid: i32) {
-    let start = Instant::now();
-    loop {
-        let waiting: Option<String> = observer
-            .query_one(
-                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1",
-                &[&pid],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting.as_deref() == Some("Lock") {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "backend {pid} never blocked on the batch lock (wait_event_type {waiting:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Two tasks of one batch finish in two concurrent transactions; the second
-/// blocks on the batch lock in the rollup trigger until the first commits.
+/// Two tasks of one batch finish in two concurrent transactions. The second
+/// does not wait for the batch the first holds (sql/0005): its rollup is
+/// noted instead, and the workers' refresh makes the batch exact.
 async fn finish_concurrently(db: &TestDb, first: &str, second: &str) -> (String, i32, i32, bool) {
     let (batch, ids) = enqueue_noops(&db.client, 2).await;
     assert_eq!(claim_all(&db.url, 10).await.len(), 2);
 
     let c1 = connect(&db.url).await;
     let c2 = connect(&db.url).await;
-    let pid2: i32 = one(&c2, "SELECT pg_backend_pid()").await;
 
     c1.batch_execute("BEGIN").await.unwrap();
     c1.execute(
@@ -778,26 +762,21 @@ async fn finish_concurrently(db: &TestDb, first: &str, second: &str) -> (String,
     assert_eq!(batch_state(&c1, batch).await.0, "pending");
 
     c2.batch_execute("BEGIN").await.unwrap();
-    let second = second.to_owned();
-    let task2 = ids[1];
-    let t2 = tokio::spawn(async move {
+    tokio::time::timeout(
+        Duration::from_secs(5),
         c2.execute(
             "UPDATE job_tasks SET status = $2 WHERE id = $1",
-            &[&task2, &second],
-        )
-        .await
-        .unwrap();
-        c2
-    });
-    wait_until_blocked(&db.client, pid2).await;
-    assert!(!t2.is_finished());
-
-    c1.batch_execute("COMMIT").await.unwrap();
-    let c2 = tokio::time::timeout(Duration::from_secs(10), t2)
-        .await
-        .expect("transaction 2 still blocked after transaction 1 committed")
-        .unwrap();
+            &[&ids[1], &second],
+        ),
+    )
+    .await
+    .expect("transaction 2 waited for the batch transaction 1 holds")
+    .unwrap();
     c2.batch_execute("COMMIT").await.unwrap();
+    c1.batch_execute("COMMIT").await.unwrap();
+    // What the maintenance loop does about once a second.
+    let refreshed: i32 = one(&db.client, "SELECT docworker_refresh_dirty_batches(100)").await;
+    assert_eq!(refreshed, 1);
     batch_state(&db.client, batch).await
 }
 

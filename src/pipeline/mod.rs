@@ -126,9 +126,15 @@ impl Pipeline {
         let user_metadata = user_metadata(&job.options)?;
         let max_bytes = self.files.max_file_mb * 1_000_000;
         let (files, path) = (self.files.clone(), file_path.to_owned());
+        let (filename, limits) = (job.filename.clone(), self.limits);
+        // Everything the file alone can fail on fails here, before the
+        // embedder or Chroma is asked.
         let (named, file) = blocking("reading the file", self.files.parse_timeout, move || {
             let upload = source::open(&files, &path)?;
-            Ok((upload.named, source::read(upload.file, max_bytes)?))
+            let file = source::read(upload.file, max_bytes)?;
+            parse::precheck(&file.bytes, &filename, &limits)
+                .map_err(|e| JobError::permanent(e.message))?;
+            Ok((upload.named, file))
         })
         .await?;
 

@@ -508,3 +508,45 @@ async fn a_directory_swap_race_never_indexes_a_byte_from_outside_the_root() {
     );
     assert!(swaps > 100, "the swap loop barely ran ({swaps})");
 }
+
+/// What the file alone can fail on (empty, whitespace only, not a document)
+/// fails at once as permanent, even while the embedder is down: it is found
+/// before any service is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_file_fails_at_once_while_the_embedder_is_down() {
+    let _gate = timed().await;
+    let mut stack = Stack::new().await;
+    // Nothing listens on the discard port: every embedder request is refused.
+    stack.set("DOCWORKER__EMBED__URL", "http://127.0.0.1:9");
+    let cases = [
+        ("empty.txt", b"".to_vec(), "empty"),
+        ("blank.md", b"  \n\t \n".to_vec(), "text"),
+        (
+            "photo.txt",
+            b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01".to_vec(),
+            "not a text document",
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (name, bytes, _) in &cases {
+        let path = stack.write(name, bytes);
+        ids.push(
+            stack
+                .ingest(name, path.to_str().unwrap(), None, json!({}))
+                .await,
+        );
+    }
+    let worker = stack.worker();
+    for (id, (name, _, needle)) in ids.iter().zip(&cases) {
+        let row = stack.wait_finished(*id, Duration::from_secs(30)).await;
+        let message = row.error_message.clone().unwrap_or_default();
+        assert_eq!(
+            (row.status.as_str(), row.attempt),
+            ("error", 1),
+            "{name}: {row:?}\n{}",
+            worker.logs()
+        );
+        assert!(message.contains(needle), "{name}: {message}");
+        assert!(!message.contains("embedding server"), "{name}: {message}");
+    }
+}

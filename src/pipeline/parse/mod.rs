@@ -157,6 +157,19 @@ pub fn detect(bytes: &[u8], filename: &str) -> Result<Format, ParseError> {
 /// Detects the format of a file and extracts its text.
 ///
 /// Never returns empty text: a document without any text is an error.
+/// Refuses what the bytes alone show cannot be indexed (an empty or
+/// whitespace-only file, a format docworker does not read), cheaply and
+/// before any service is asked, so that such a file fails at once whatever
+/// the embedder's or Chroma's state. The message is the one [`parse`] gives.
+pub fn precheck(bytes: &[u8], filename: &str, limits: &Limits) -> Result<(), ParseError> {
+    if let Detected::Text { decoded, .. } = detect::detect(bytes, filename)? {
+        if decoded.text.trim().is_empty() {
+            parse(bytes, filename, limits)?;
+        }
+    }
+    Ok(())
+}
+
 pub fn parse(bytes: &[u8], filename: &str, limits: &Limits) -> Result<Parsed, ParseError> {
     let detected = detect::detect(bytes, filename)?;
     let format = detected.format();

@@ -44,7 +44,6 @@ impl fmt::Debug for AfterCommit {
 #[derive(Debug)]
 pub struct Finished {
     pub key: Attempt,
-    pub batch_id: Option<uuid::Uuid>,
     pub outcome: Outcome,
     /// Run once the completion is recorded, and only then.
     pub after_commit: Option<AfterCommit>,
@@ -53,10 +52,9 @@ pub struct Finished {
 }
 
 impl Finished {
-    pub fn new(key: Attempt, batch_id: Option<uuid::Uuid>, outcome: Outcome) -> Finished {
+    pub fn new(key: Attempt, outcome: Outcome) -> Finished {
         Finished {
             key,
-            batch_id,
             outcome,
             after_commit: None,
             deferrals: 0,

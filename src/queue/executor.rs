@@ -96,7 +96,6 @@ impl Executor {
             };
             outcome.map(|outcome| Finished {
                 key: job.key,
-                batch_id: job.batch_id,
                 outcome,
                 after_commit,
                 deferrals: 0,

@@ -33,12 +33,6 @@ const MAX_BATCH: usize = 1_000;
 /// it writes: jobs claimed together tend to finish together, and one full
 /// cycle costs the database what a single-job cycle does.
 const GATHER_YIELDS: usize = 3;
-/// How soon an outcome whose row another transaction holds is tried again:
-/// at once at first (another worker's claim may hold it for a moment while
-/// it re-checks the row), then backing off to the longest wait, for a row
-/// the app holds.
-const DEFERRED_FIRST: Duration = Duration::from_millis(2);
-const DEFERRED_LONGEST: Duration = Duration::from_millis(500);
 
 /// An executor's report: the outcome to record, or none (the job is no
 /// longer ours). Either way its slot comes back once this is handled.
@@ -124,12 +118,7 @@ impl Producer {
                     let recorded = slots.cycle_done(cycle.claimed.len());
                     for (finished, written) in recorded.into_iter().zip(&cycle.written) {
                         if *written == Written::Deferred {
-                            let mut finished = finished;
-                            let wait = DEFERRED_FIRST
-                                .saturating_mul(1 << finished.deferrals.min(16))
-                                .min(DEFERRED_LONGEST);
-                            finished.deferrals += 1;
-                            slots.defer(finished, Instant::now() + wait);
+                            slots.defer(finished, Instant::now());
                             continue;
                         }
                         self.running.remove(finished.key);

@@ -9,9 +9,16 @@
 //! by another transaction is deferred: it keeps its slot and is written
 //! again once it is due.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::completer::Finished;
+
+/// How soon an outcome whose row another transaction holds is tried again:
+/// at once at first (another worker's claim may hold it for a moment while
+/// it re-checks the row), then backing off to the longest wait, for a row
+/// the app holds.
+const DEFERRED_FIRST: Duration = Duration::from_millis(2);
+const DEFERRED_LONGEST: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 pub struct Slots {
@@ -35,11 +42,16 @@ impl Slots {
     }
 
     /// Keeps an outcome that could not be written (its row was locked)
-    /// and its slot, until `due`. The write cycle that deferred it claimed
-    /// one job fewer for it.
-    pub fn defer(&mut self, finished: Finished, due: Instant) {
+    /// and its slot, to try again after a backoff that grows with each
+    /// deferral. The write cycle that deferred it claimed one job fewer
+    /// for it.
+    pub fn defer(&mut self, mut finished: Finished, now: Instant) {
+        let wait = DEFERRED_FIRST
+            .saturating_mul(1 << finished.deferrals.min(16))
+            .min(DEFERRED_LONGEST);
+        finished.deferrals += 1;
         self.in_use += 1;
-        self.deferred.push((finished, due));
+        self.deferred.push((finished, now + wait));
     }
 
     /// Moves the deferred outcomes due by `now` back to be written.
@@ -110,7 +122,7 @@ mod tests {
             id: uuid::Uuid::from_u128(n),
             attempt: 1,
         };
-        Some(Finished::new(key, None, Outcome::Completed))
+        Some(Finished::new(key, Outcome::Completed))
     }
 
     #[test]
@@ -163,22 +175,36 @@ mod tests {
         let now = Instant::now();
         let written = s.cycle_done(0);
         for f in written {
-            s.defer(f, now + std::time::Duration::from_millis(250));
+            s.defer(f, now);
         }
         assert_eq!(s.in_use(), 2, "the deferred job still holds its slot");
         assert_eq!(s.to_claim(true), 0);
         s.take_due(now);
         assert!(s.unwritten.is_empty(), "not due yet");
-        assert_eq!(
-            s.next_due(),
-            Some(now + std::time::Duration::from_millis(250))
-        );
-        s.take_due(now + std::time::Duration::from_secs(1));
+        assert_eq!(s.next_due(), Some(now + DEFERRED_FIRST));
+        s.take_due(now + Duration::from_secs(1));
         assert_eq!(s.unwritten.len(), 1);
         assert_eq!(s.next_due(), None);
         assert_eq!(s.to_claim(true), 1, "writing it frees its slot");
         s.cycle_done(0);
         assert_eq!(s.in_use(), 1);
+    }
+
+    #[test]
+    fn a_row_held_long_is_retried_ever_less_often_up_to_the_longest_wait() {
+        let mut s = Slots::new(1);
+        let now = Instant::now();
+        let mut waits = Vec::new();
+        let mut f = finished(1).unwrap();
+        for _ in 0..12 {
+            s.defer(f, now);
+            waits.push(s.next_due().unwrap() - now);
+            s.take_due(now + DEFERRED_LONGEST);
+            f = s.cycle_done(0).pop().unwrap();
+        }
+        assert_eq!(waits[0], DEFERRED_FIRST);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+        assert_eq!(*waits.last().unwrap(), DEFERRED_LONGEST);
     }
 
     #[test]

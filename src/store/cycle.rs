@@ -229,13 +229,14 @@ WITH o AS (
 ), ours AS MATERIALIZED (
     SELECT t.id FROM job_tasks t JOIN o ON t.id = o.id WHERE {fenced_o}
 ), locked AS MATERIALIZED (
-    SELECT t.id FROM job_tasks t JOIN o ON t.id = o.id WHERE {fenced_o}
+    SELECT t.id, t.attempt, t.max_attempts
+      FROM job_tasks t JOIN o ON t.id = o.id WHERE {fenced_o}
        FOR NO KEY UPDATE OF t SKIP LOCKED
 ), p AS (
     SELECT o.*,
            (o.outcome = 'failed' AND o.kind = 'transient' AND t.attempt < t.max_attempts) AS will_retry,
            {retry_at} AS retry_at
-      FROM o JOIN locked l ON l.id = o.id JOIN job_tasks t ON t.id = o.id
+      FROM o JOIN locked t ON t.id = o.id
 ), deferred AS (
     SELECT id AS deferred_id FROM ours WHERE id NOT IN (SELECT id FROM locked)
 ), done AS (

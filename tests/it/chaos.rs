@@ -190,7 +190,7 @@ async fn started_at(db: &TestDb) -> String {
 }
 
 fn finished(id: Uuid, attempt: i32, outcome: Outcome) -> Finished {
-    Finished::new(Attempt { id, attempt }, None, outcome)
+    Finished::new(Attempt { id, attempt }, outcome)
 }
 
 /// `set_stage` as (id, attempt, worker): Err, and its stop signal says LeaseLost.

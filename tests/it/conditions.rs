@@ -36,7 +36,7 @@ async fn claim_with_progress(db: &TestDb, worker: &ActingWorker, worker_id: &str
     ctx.set_stage(Stage::Embedding).await.unwrap();
     ctx.set_progress(12, 76).await.unwrap();
     ctx.set_result(json!({"partial": true})).await.unwrap();
-    Finished::new(job.key, job.batch_id, Outcome::Completed)
+    Finished::new(job.key, Outcome::Completed)
 }
 
 fn progress_of(row: &Value) -> (Value, Value, Value, Value) {
@@ -237,7 +237,7 @@ async fn one_document_never_runs_twice_under_concurrent_claims() {
                     // producer does.
                     loop {
                         let written = worker
-                            .record(Finished::new(job.key, job.batch_id, Outcome::Completed))
+                            .record(Finished::new(job.key, Outcome::Completed))
                             .await;
                         match written {
                             Some(Written::Applied { .. }) => break,

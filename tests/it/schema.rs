@@ -490,9 +490,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
                 } else {
                     Outcome::Failed(JobError::permanent("planned failure"))
                 };
-                let written = completer
-                    .record(Finished::new(job.key, job.batch_id, outcome))
-                    .await;
+                let written = completer.record(Finished::new(job.key, outcome)).await;
                 let want = if planned[i] { "completed" } else { "error" };
                 assert_eq!(
                     written,
@@ -530,7 +528,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
     let (batch, ids) = enqueue_noops(c, 2).await;
     for job in claim_all(&db.url, 10).await {
         let written = completer
-            .record(Finished::new(job.key, job.batch_id, Outcome::Completed))
+            .record(Finished::new(job.key, Outcome::Completed))
             .await;
         assert!(matches!(written, Some(Written::Applied { .. })));
     }
@@ -577,11 +575,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].key.id, ids[1]);
     completer
-        .record(Finished::new(
-            claimed[0].key,
-            claimed[0].batch_id,
-            Outcome::Completed,
-        ))
+        .record(Finished::new(claimed[0].key, Outcome::Completed))
         .await
         .unwrap();
     assert_eq!(
@@ -593,7 +587,7 @@ async fn batch_rollup_is_right_in_every_finishing_order() {
 /// Writes `outcome` for `job` with the daemon's completer; returns the new status.
 async fn finish(completer: &ActingWorker, job: &ClaimedJob, outcome: Outcome) -> Written {
     completer
-        .record(Finished::new(job.key, job.batch_id, outcome))
+        .record(Finished::new(job.key, outcome))
         .await
         .expect("one outcome written")
 }

@@ -56,6 +56,8 @@ pub struct WorkerSettings {
     pub job_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_outage: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

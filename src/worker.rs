@@ -26,6 +26,7 @@ use crate::queue::health::Health;
 use crate::queue::heartbeat::Heartbeat;
 use crate::queue::maintenance::Maintenance;
 use crate::queue::notifier::Notifier;
+use crate::queue::outage::Outages;
 use crate::queue::producer::Producer;
 use crate::queue::retry::RetryPolicy;
 use crate::queue::running::{RunningJobs, StopReason};
@@ -62,6 +63,7 @@ struct Core {
     cancels: Arc<Notify>,
     executor: Arc<Executor>,
     handler: Arc<dyn TaskHandler>,
+    outages: Arc<Outages>,
     health: Arc<Health>,
     /// Stops the heartbeat, notifier, maintenance and HTTP listener at the
     /// very end.
@@ -102,6 +104,13 @@ impl Core {
             let handler = handler.clone();
             async move { handler.check_at_start().await }
         });
+        let wake = Arc::new(Notify::new());
+        let outages = Outages::new(
+            handler.clone(),
+            w.max_outage,
+            wake.clone(),
+            background.clone(),
+        );
         let executor = Arc::new(Executor {
             pool: pool.clone(),
             worker_id: worker_id.clone(),
@@ -109,16 +118,18 @@ impl Core {
             job_timeout: w.job_timeout,
             lease: w.lease_duration,
             handler: handler.clone(),
+            outages: outages.clone(),
         });
         tracing::info!(worker_id = %worker_id, database = %db::redacted(&db::pg_config(&settings.database, "")?), "worker started");
         Ok(Some(Core {
             pool,
             worker_id,
             running,
-            wake: Arc::new(Notify::new()),
+            wake,
             cancels,
             executor,
             handler,
+            outages,
             health: Health::new(w.listen),
             background,
         }))
@@ -181,12 +192,16 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
             health: core.health.clone(),
             pool: core.pool.clone(),
             handler: core.handler.clone(),
+            outages: core.outages.clone(),
             running: core.running.clone(),
             concurrency: w.concurrency,
             metrics: metrics::install()?,
         }
         .start(settings.http.address, core.background.clone())
         .await?;
+        for dependency in core.outages.dependencies() {
+            metrics::dependency_up(dependency, true);
+        }
     }
     if w.listen {
         tokio::spawn(
@@ -221,6 +236,7 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
             executor: core.executor.clone(),
             running: core.running.clone(),
             completer: core.completer(settings),
+            outages: core.outages.clone(),
             wake: core.wake.clone(),
             poll_interval: w.poll_interval,
             health: core.health.clone(),
@@ -318,7 +334,9 @@ async fn once(
             .await?
         }
         None => {
-            let cycle = completer.write(&core.pool, &[], 1).await?;
+            let cycle = completer
+                .write(&core.pool, &[], 1, &core.outages.paused())
+                .await?;
             let claimed_at = cycle.claimed_at;
             cycle
                 .claimed
@@ -361,7 +379,7 @@ async fn write_one(completer: &Completer, pool: &Pool, finished: Finished) -> Re
     let mut delay = Duration::from_millis(100);
     loop {
         let result = completer
-            .write(pool, std::slice::from_ref(&finished), 0)
+            .write(pool, std::slice::from_ref(&finished), 0, &[])
             .await;
         match result.map(|mut cycle| cycle.written.pop()) {
             Ok(Some(Written::Deferred)) if Instant::now() < deadline => {

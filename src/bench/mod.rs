@@ -1,14 +1,18 @@
-//! The benchmarks: `worker bench` (the queue, `queue`) and `worker
-//! bench-pipeline` (the document pipeline, `pipeline`), with what they
-//! share: a scratch database, the generated corpus (`corpus`) and readings
+//! The benchmarks: `worker bench` (the queue, `queue`, with the claim's
+//! cost by backlog size in `backlog` and PostgreSQL's own yardstick in
+//! `pgbench`, and a long run in `soak`) and `worker bench-pipeline` (the document pipeline,
+//! `pipeline`), with what they share: a scratch database, the generated corpus (`corpus`) and readings
 //! from /proc (`procfs`). Nothing in the daemon's path depends on this wing;
 //! its SQL is the store's (`store::bench`).
 
 pub mod pipeline;
 pub mod queue;
 
+mod backlog;
 mod corpus;
+mod pgbench;
 mod procfs;
+mod soak;
 
 use anyhow::{Context, Result};
 use tokio_postgres::Client;

@@ -42,13 +42,17 @@ pub const JOB_DURATION: &str = "docworker_job_duration_seconds";
 /// the claim to the body's first stage).
 pub const STAGE_DURATION: &str = "docworker_stage_duration_seconds";
 /// Counter, by `task_type` and `outcome` (completed, transient_error,
-/// permanent_error, handed_back, stopped): attempts this process finished.
+/// permanent_error, handed_back, dependency_down, stopped): attempts this
+/// process finished.
 pub const JOBS_FINISHED: &str = "docworker_jobs_finished_total";
 /// Counter: failed attempts scheduled to run again (a transient error with
 /// attempts left).
 pub const RETRIES: &str = "docworker_retries_total";
 /// Counter, by `outcome` (retry, failed): expired leases this process reclaimed.
 pub const LEASE_RECLAIMS: &str = "docworker_lease_reclaims_total";
+/// Gauge, by `dependency` (embedder, chroma): 0 while this process finds it
+/// down and pauses the jobs that need it, 1 otherwise.
+pub const DEPENDENCY_UP: &str = "docworker_dependency_up";
 /// Counter: times the LISTEN connection was re-established.
 pub const LISTENER_RECONNECTS: &str = "docworker_listener_reconnects_total";
 /// Counter, by `service` (embedder, chroma) and `op`: HTTP requests made.
@@ -129,6 +133,10 @@ fn describe() {
         LEASE_RECLAIMS,
         "Jobs with an expired lease put back (retry) or failed by this process."
     );
+    describe_gauge!(
+        DEPENDENCY_UP,
+        "0 while this process finds the dependency down and pauses the jobs that need it."
+    );
     describe_counter!(
         LISTENER_RECONNECTS,
         "Times the LISTEN connection was re-established."
@@ -161,6 +169,10 @@ pub fn set_queue(snapshot: Option<&QueueSnapshot>) {
     ::metrics::gauge!(QUEUE_DEPTH).set(s.due as f64);
     ::metrics::gauge!(SCHEDULED).set(s.scheduled as f64);
     ::metrics::gauge!(OLDEST_PENDING_AGE).set(s.oldest_due_age.as_secs_f64());
+}
+
+pub fn dependency_up(dependency: &'static str, up: bool) {
+    ::metrics::gauge!(DEPENDENCY_UP, "dependency" => dependency).set(if up { 1.0 } else { 0.0 });
 }
 
 pub fn set_slots(running: usize, concurrency: usize) {
@@ -202,11 +214,12 @@ pub fn retry_scheduled() {
 
 /// The label values of the per-job series.
 pub const TASK_TYPES: [&str; 4] = ["ingest", "delete", "noop", "unknown"];
-pub const OUTCOMES: [&str; 5] = [
+pub const OUTCOMES: [&str; 6] = [
     "completed",
     "transient_error",
     "permanent_error",
     "handed_back",
+    "dependency_down",
     "stopped",
 ];
 

@@ -26,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::observe::metrics;
 use crate::queue::health::Health;
+use crate::queue::outage::Outages;
 use crate::queue::running::RunningJobs;
-use crate::queue::TaskHandler;
+use crate::queue::{Check, TaskHandler};
 use crate::store::stats::QueueSnapshot;
 
 /// A scrape waits this long for the queue numbers at most.
@@ -41,6 +42,8 @@ pub struct StatusServer {
     pub pool: Pool,
     /// Adds its readiness checks to the queue's.
     pub handler: Arc<dyn TaskHandler>,
+    /// Dependencies this process found down, which override a fresh check.
+    pub outages: Arc<Outages>,
     pub running: Arc<RunningJobs>,
     pub concurrency: usize,
     pub metrics: PrometheusHandle,
@@ -97,7 +100,15 @@ async fn healthz(State(s): State<StatusServer>) -> Response {
 }
 
 async fn readyz(State(s): State<StatusServer>) -> Response {
-    let checks = s.health.readiness(&s.pool, s.handler.as_ref()).await;
+    let mut checks = s.health.readiness(&s.pool, s.handler.as_ref()).await;
+    // A service whose probe has not yet answered keeps its jobs paused,
+    // whatever a fresh check says: not ready until the worker resumes them.
+    for (name, detail) in s.outages.describe() {
+        match checks.iter_mut().find(|c| c.name == name) {
+            Some(c) => *c = Check::new(c.name, Err(detail)),
+            None => checks.push(Check::new(name, Err(detail))),
+        }
+    }
     let mut body = String::new();
     for c in &checks {
         let _ = writeln!(body, "{}: {}", c.name, c.detail);

@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::Mutex;
 
 use super::embed::source_chain;
+use super::CHROMA;
 use crate::config::ChromaSettings;
 use crate::observe::metrics;
 use crate::queue::JobError;
@@ -313,11 +314,14 @@ impl ChromaStore {
             } else {
                 "could not be reached".into()
             };
-            JobError::transient(format!(
-                "ChromaDB at {} {what}: {}",
-                self.settings.url,
-                source_chain(&e)
-            ))
+            JobError::unavailable(
+                CHROMA,
+                format!(
+                    "ChromaDB at {} {what}: {}",
+                    self.settings.url,
+                    source_chain(&e)
+                ),
+            )
         };
         let started = Instant::now();
         let answer = async {
@@ -346,7 +350,11 @@ impl ChromaStore {
             self.settings.url
         );
         Err(match status {
-            429 | 500..=599 | 404 | 409 => JobError::transient(error),
+            // Overloaded or failing: down for every job alike.
+            429 | 500..=599 => JobError::unavailable(CHROMA, error),
+            // A collection or database that is not there (yet): this
+            // job's retry finds or creates it.
+            404 | 409 => JobError::transient(error),
             401 | 403 => JobError::permanent(format!(
                 "{error}. Check chroma.auth_header and chroma.token."
             )),

@@ -4,7 +4,8 @@
 //! It learns the model's vector size and context length once, checks every
 //! answer (one vector per input, all of that size), retries transient
 //! failures a few times within the job, and sorts every failure into one of
-//! three kinds: worth retrying later, hopeless, or "this input is too long"
+//! four kinds: the server did not answer (down, overloaded: the queue waits
+//! for it), worth retrying later, hopeless, or "this input is too long"
 //! (which the pipeline answers by splitting the input, never by cutting it).
 
 use std::time::{Duration, Instant};
@@ -26,12 +27,27 @@ pub struct ModelInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EmbedError {
-    /// Down, slow, overloaded or a crashed runner: try again later.
+    /// No answer in time, refused, 429 or 5xx: the server is down, slow or
+    /// overloaded, for every job alike.
+    Unavailable(String),
+    /// A bad answer to this request (a crashed runner, a wrong number of
+    /// vectors): try again later.
     Transient(String),
     /// Retrying cannot help: missing model, wrong dimension, bad request.
     Permanent(String),
     /// An input (or the request) is over what the model or server accepts.
     TooLong(String),
+}
+
+impl EmbedError {
+    pub fn message(self) -> String {
+        match self {
+            EmbedError::Unavailable(m)
+            | EmbedError::Transient(m)
+            | EmbedError::Permanent(m)
+            | EmbedError::TooLong(m) => m,
+        }
+    }
 }
 
 pub struct Embedder {
@@ -58,10 +74,20 @@ impl Embedder {
     pub async fn reachable(&self) -> Result<(), String> {
         match self.http.get(self.base()).send().await {
             Ok(_) => Ok(()),
-            Err(e) => Err(match self.unreachable(e) {
-                EmbedError::Transient(m) | EmbedError::Permanent(m) | EmbedError::TooLong(m) => m,
-            }),
+            Err(e) => Err(self.unreachable(e).message()),
         }
+    }
+
+    /// Whether the server embeds again after an outage: one short input,
+    /// one try. A server that merely answers HTTP may still refuse every
+    /// embedding (overloaded, model not loaded), so the probe is the real
+    /// request.
+    pub async fn probe(&self) -> Result<(), String> {
+        self.model().await.map_err(EmbedError::message)?;
+        self.request(&["docworker probe"])
+            .await
+            .map(drop)
+            .map_err(EmbedError::message)
     }
 
     pub fn model_name(&self) -> &str {
@@ -133,7 +159,9 @@ impl Embedder {
             tries += 1;
             match self.request(inputs).await {
                 Ok(vectors) => return self.check(inputs.len(), info.dimension, vectors),
-                Err(EmbedError::Transient(e)) if tries < self.settings.tries => {
+                Err(EmbedError::Transient(e) | EmbedError::Unavailable(e))
+                    if tries < self.settings.tries =>
+                {
                     tracing::warn!(error = %e, tries, "embedding request failed; trying again");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 4).min(Duration::from_secs(8));
@@ -299,7 +327,7 @@ impl Embedder {
         } else {
             "failed mid-request".to_string()
         };
-        EmbedError::Transient(format!(
+        EmbedError::Unavailable(format!(
             "The embedding server at {} {what}: {}",
             self.settings.url,
             source_chain(&e)
@@ -320,7 +348,7 @@ impl Embedder {
             || (lower.contains("must have less than") && lower.contains("tokens"));
         match status {
             413 => EmbedError::TooLong(message.to_string()),
-            429 | 500..=599 => EmbedError::Transient(format!(
+            429 | 500..=599 => EmbedError::Unavailable(format!(
                 "The embedding server at {url} is busy or failing (HTTP {status}: {message})."
             )),
             401 | 403 => EmbedError::Permanent(format!(
@@ -407,11 +435,11 @@ mod tests {
         ));
         assert!(matches!(
             e.classify(503, "server busy"),
-            EmbedError::Transient(_)
+            EmbedError::Unavailable(_)
         ));
         assert!(matches!(
             e.classify(429, "slow down"),
-            EmbedError::Transient(_)
+            EmbedError::Unavailable(_)
         ));
     }
 

@@ -35,6 +35,11 @@ use embed::{EmbedError, Embedder};
 use record::{user_metadata, ChunkMeta};
 use source::Disposal;
 
+/// The services the pipeline depends on, by the names the queue's outage
+/// tracking, `/readyz` and the metrics use.
+pub const EMBEDDER: &str = "embedder";
+pub const CHROMA: &str = "chroma";
+
 /// Bumped when parsing or chunking changes what a file turns into, so that
 /// files indexed by an older version are not skipped as unchanged.
 const PIPELINE_VERSION: u32 = 1;
@@ -104,7 +109,7 @@ impl Pipeline {
             Err(EmbedError::Permanent(e)) => {
                 tracing::error!(error = %e, "embedding model unusable")
             }
-            Err(EmbedError::Transient(e) | EmbedError::TooLong(e)) => {
+            Err(EmbedError::Unavailable(e) | EmbedError::Transient(e) | EmbedError::TooLong(e)) => {
                 tracing::warn!(error = %e, "embedding server not ready")
             }
         }
@@ -113,6 +118,11 @@ impl Pipeline {
     /// For readiness: does the embedding server answer?
     pub async fn embedder_reachable(&self) -> Result<(), String> {
         self.embedder.reachable().await
+    }
+
+    /// After an outage: does the embedder embed again?
+    pub async fn embedder_probe(&self) -> Result<(), String> {
+        self.embedder.probe().await
     }
 
     /// For readiness: does Chroma answer its heartbeat?
@@ -442,6 +452,7 @@ fn dispose(files: &FileSettings, named: &std::path::Path) -> Option<AfterCommit>
 
 fn embed_error(e: EmbedError) -> JobError {
     match e {
+        EmbedError::Unavailable(m) => JobError::unavailable(EMBEDDER, m),
         EmbedError::Transient(m) => JobError::transient(m),
         EmbedError::Permanent(m) | EmbedError::TooLong(m) => JobError::permanent(m),
     }

@@ -21,6 +21,9 @@ pub enum Outcome {
     Failed(JobError),
     /// Stopped by shutdown: back to `pending`, the attempt not counted.
     HandBack,
+    /// Failed on a dependency that is down: back to `pending`, the attempt
+    /// not counted, until it is back. The note says so on the row.
+    DependencyDown(String),
 }
 
 /// Something a job asked to be done once its completion is committed (the
@@ -84,7 +87,8 @@ impl Finished {
                     kind: e.kind,
                     message: &e.message,
                 },
-                Outcome::HandBack => Ending::HandBack,
+                Outcome::HandBack => Ending::HandBack { note: None },
+                Outcome::DependencyDown(note) => Ending::HandBack { note: Some(note) },
             },
         }
     }
@@ -107,10 +111,17 @@ impl Completer {
         }
     }
 
-    /// Records `finished` and claims up to `claim` due jobs, atomically.
-    pub async fn write(&self, pool: &Pool, finished: &[Finished], claim: i64) -> Result<Cycle> {
+    /// Records `finished` and claims up to `claim` due jobs, atomically,
+    /// none of a task type in `paused`.
+    pub async fn write(
+        &self,
+        pool: &Pool,
+        finished: &[Finished],
+        claim: i64,
+        paused: &[&str],
+    ) -> Result<Cycle> {
         let ended: Vec<Ended<'_>> = finished.iter().map(Finished::ended).collect();
-        let cycle = self.cycle.run(pool, &ended, claim).await?;
+        let cycle = self.cycle.run(pool, &ended, claim, paused).await?;
         for (f, w) in finished.iter().zip(&cycle.written) {
             if *w == Written::Rejected {
                 tracing::warn!(job = %f.key.id, attempt = f.key.attempt,

@@ -16,6 +16,7 @@ use tracing::Instrument;
 use super::completer::{Finished, Outcome};
 use super::handler::TaskHandler;
 use super::job::{ClaimedJob, ErrorKind, JobError, JobSpec};
+use super::outage::Outages;
 use super::progress::JobContext;
 use super::running::{RunningJobs, StopReason, StopSignal};
 use crate::observe::metrics;
@@ -27,6 +28,8 @@ pub struct Executor {
     pub job_timeout: Duration,
     pub lease: Duration,
     pub handler: Arc<dyn TaskHandler>,
+    /// Decides what a failure on an unavailable dependency becomes.
+    pub outages: Arc<Outages>,
 }
 
 impl Executor {
@@ -52,8 +55,19 @@ impl Executor {
                 self.lease,
             );
             metrics::job_claimed(job.waited);
-            let outcome = self.run_body(&job, &stop, &ctx).await;
+            let outcome = match self.run_body(&job, &stop, &ctx).await {
+                // Probing may take a while: a stop signal still ends it.
+                Some(Outcome::Failed(e)) if e.dependency.is_some() => tokio::select! {
+                    outcome = self.outages.judge(e) => Some(outcome),
+                    _ = stop.stopped() => match stop.reason() {
+                        Some(StopReason::Shutdown) => Some(Outcome::HandBack),
+                        _ => None,
+                    },
+                },
+                outcome => outcome,
+            };
             ctx.end_stage();
+            self.running.body_done(job.key);
             if outcome.is_none() {
                 // Nothing to write. A job with an outcome stays registered,
                 // its lease renewed, until the outcome is written.
@@ -75,6 +89,10 @@ impl Executor {
                 Some(Outcome::HandBack) => {
                     tracing::info!(elapsed_ms, "job stopped by shutdown; handing it back");
                     "handed_back"
+                }
+                Some(Outcome::DependencyDown(note)) => {
+                    tracing::info!(elapsed_ms, note = %note, "a dependency is down; handing the job back");
+                    "dependency_down"
                 }
                 None => {
                     tracing::info!(elapsed_ms, reason = ?stop.reason(), "job stopped; not ours to record");

@@ -6,7 +6,9 @@
 //! What a task needs from the queue is offered as a generic facility:
 //! exclusivity per key (a task type is exclusive unless the handler says it
 //! is not), a progress reporter and an after-commit action ([`JobContext`]),
-//! and readiness checks the handler adds to the queue's own.
+//! readiness checks the handler adds to the queue's own, and waiting out a
+//! dependency's outage (the handler names what each task type depends on
+//! and how to probe it).
 
 use futures_util::future::BoxFuture;
 
@@ -49,6 +51,19 @@ pub trait TaskHandler: Send + Sync + 'static {
     /// one job per key at a time.
     fn unkeyed_task_types(&self) -> &[&'static str] {
         &[]
+    }
+
+    /// The services a task type's jobs need (names as in
+    /// [`JobError::unavailable`]). While one of them is down the queue
+    /// claims no job of that type.
+    fn dependencies(&self, _task_type: &str) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Whether `dependency` works again; asked when a job found it
+    /// unavailable, and then with backoff until it does.
+    fn probe(&self, _dependency: &'static str) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
     }
 
     /// Runs a job's body. Cancellation (timeout, shutdown, SQL cancel, lost

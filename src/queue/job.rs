@@ -93,6 +93,12 @@ fn json_kind(v: &Value) -> &'static str {
 pub struct JobError {
     pub kind: ErrorKind,
     pub message: String,
+    /// Set when the failure is a dependency that did not answer (refused,
+    /// timed out, 429, 5xx): the name the handler's
+    /// [`dependencies`](super::TaskHandler::dependencies) use. The queue
+    /// then asks whether the dependency is down for everyone (see
+    /// `outage`), and if so waits for it instead of spending the attempt.
+    pub dependency: Option<&'static str>,
 }
 
 impl JobError {
@@ -100,6 +106,7 @@ impl JobError {
         JobError {
             kind: ErrorKind::Transient,
             message: message.into(),
+            dependency: None,
         }
     }
 
@@ -107,6 +114,15 @@ impl JobError {
         JobError {
             kind: ErrorKind::Permanent,
             message: message.into(),
+            dependency: None,
+        }
+    }
+
+    /// A transient failure because `dependency` did not answer.
+    pub fn unavailable(dependency: &'static str, message: impl Into<String>) -> JobError {
+        JobError {
+            dependency: Some(dependency),
+            ..JobError::transient(message)
         }
     }
 }

@@ -7,9 +7,17 @@
 //!   at a time, so the table and its indexes stay small.
 //! - Rollups: batches whose rollup a task write skipped, because another
 //!   transaction held the batch, are recounted about once a second.
+//! - Vacuum, where autovacuum cannot: every job leaves two dead row
+//!   versions behind (its claim and its outcome), so a queue table that
+//!   nobody vacuums grows without bound and its scans slow down, however
+//!   steady the load. When autovacuum is off (for the cluster, as on some
+//!   CI and tuned hosts, or for the table), the worker vacuums the queue's
+//!   tables itself at the thresholds autovacuum would use, one worker at a
+//!   time; a role that may not is told once, in the log.
 //!
 //! Every replica sweeps; SKIP LOCKED keeps them out of each other's way.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +51,7 @@ pub struct Maintenance {
 
 impl Maintenance {
     pub async fn run(self, stop: CancellationToken) {
+        let mut told = HashSet::new();
         let mut next_sweep = tokio::time::Instant::now() + jittered(self.interval);
         loop {
             tokio::select! {
@@ -64,7 +73,53 @@ impl Maintenance {
                     tracing::warn!(error = %format!("{e:#}"), "pruning finished jobs failed");
                 }
             }
+            for table in sweep::QUEUE_TABLES {
+                if let Err(e) = self.vacuum_if_nobody_does(table, &mut told).await {
+                    tracing::warn!(table, error = %format!("{e:#}"), "vacuuming failed");
+                }
+            }
         }
+    }
+
+    /// Vacuums `table` when autovacuum is off and it holds more dead rows
+    /// than autovacuum would allow; returns whether it did. `told` holds
+    /// the tables whose state was logged already (once per table).
+    pub async fn vacuum_if_nobody_does(
+        &self,
+        table: &'static str,
+        told: &mut HashSet<&'static str>,
+    ) -> Result<bool> {
+        let state = sweep::vacuum_state(&self.pool, table).await?;
+        if state.autovacuum || !state.needs_vacuum() {
+            return Ok(false);
+        }
+        if !state.may_vacuum {
+            if told.insert(table) {
+                tracing::warn!(
+                    table,
+                    dead_rows = state.dead_rows,
+                    "autovacuum is off and this role may not vacuum the table: it will keep growing; turn autovacuum on, or have its owner run VACUUM on it regularly"
+                );
+            }
+            return Ok(false);
+        }
+        if told.insert(table) {
+            tracing::info!(
+                table,
+                "autovacuum is off for this table: the workers vacuum it themselves"
+            );
+        }
+        let started = std::time::Instant::now();
+        let vacuumed = sweep::vacuum(&self.pool, table).await?;
+        if vacuumed {
+            tracing::debug!(
+                table,
+                dead_rows = state.dead_rows,
+                took_ms = started.elapsed().as_millis() as u64,
+                "autovacuum is off: vacuumed the table"
+            );
+        }
+        Ok(vacuumed)
     }
 
     /// Returns how many expired jobs were put back or failed.

@@ -10,6 +10,8 @@
 //! - `heartbeat`: lease renewal; stops jobs this process no longer owns;
 //! - `maintenance`: the expired-lease rescue and pruning;
 //! - `retry`: the backoff policy;
+//! - `outage`: a dependency found down pauses the jobs that need it, and is
+//!   probed until it is back;
 //! - `running`: the jobs running here and their stop signals;
 //! - `progress`: what a body may write to its own row ([`JobContext`]);
 //! - `health`: liveness of the producer's loop, the LISTEN flag, readiness;
@@ -24,6 +26,7 @@ pub mod heartbeat;
 pub mod job;
 pub mod maintenance;
 pub mod notifier;
+pub mod outage;
 pub mod producer;
 pub mod progress;
 pub mod retry;

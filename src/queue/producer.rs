@@ -22,6 +22,7 @@ use super::executor::Executor;
 use super::health::{Health, BEAT_EVERY};
 use super::job::ClaimedJob;
 use super::notifier::jittered;
+use super::outage::Outages;
 use super::running::RunningJobs;
 use super::slots::Slots;
 use crate::observe::metrics;
@@ -47,6 +48,8 @@ pub struct Producer {
     /// its lease until then).
     pub running: Arc<RunningJobs>,
     pub completer: Completer,
+    /// Which task types not to claim while a dependency is down.
+    pub outages: Arc<Outages>,
     pub wake: Arc<Notify>,
     pub poll_interval: Duration,
     /// Fed on every turn of the loop: this loop's liveness is the process's.
@@ -110,7 +113,7 @@ impl Producer {
             }
             match self
                 .completer
-                .write(&self.pool, &slots.unwritten, claim)
+                .write(&self.pool, &slots.unwritten, claim, &self.outages.paused())
                 .await
             {
                 Ok(cycle) => {

@@ -51,6 +51,9 @@ struct Entry {
     /// After this instant the lease may have expired on the server (no
     /// renewal succeeded): the job must stop, someone else may run it.
     lease_expires: Instant,
+    /// The body has returned; the job stays here (its lease renewed) only
+    /// until its outcome is written, and there is nothing left to stop.
+    body_done: bool,
 }
 
 #[derive(Default)]
@@ -64,6 +67,7 @@ impl RunningJobs {
             attempt: key.attempt,
             stop,
             lease_expires: claimed_at + lease,
+            body_done: false,
         };
         if let Some(stale) = self.lock().insert(key.id, entry) {
             // Cannot happen while attempts fence claims; stop the old body
@@ -117,13 +121,25 @@ impl RunningJobs {
             .map(|e| e.lease_expires.saturating_duration_since(Instant::now()))
     }
 
-    /// Stops this attempt of the job if it is still running here; says
-    /// whether it was. A newer attempt of the same job is left alone.
+    /// The attempt's body has returned an outcome, which waits to be
+    /// written: the heartbeat renews its lease but has nothing to stop.
+    pub fn body_done(&self, key: Attempt) {
+        if let Some(e) = self
+            .lock()
+            .get_mut(&key.id)
+            .filter(|e| e.attempt == key.attempt)
+        {
+            e.body_done = true;
+        }
+    }
+
+    /// Stops this attempt of the job if its body is still running here;
+    /// says whether it was. A newer attempt of the same job is left alone.
     pub fn stop(&self, key: Attempt, reason: StopReason) -> bool {
         match self
             .lock()
             .get(&key.id)
-            .filter(|e| e.attempt == key.attempt)
+            .filter(|e| e.attempt == key.attempt && !e.body_done)
         {
             Some(e) => {
                 e.stop.stop(reason);
@@ -144,7 +160,7 @@ impl RunningJobs {
     pub fn stop_expiring(&self, deadline: Instant) -> Vec<Uuid> {
         let jobs = self.lock();
         jobs.iter()
-            .filter(|(_, e)| e.lease_expires <= deadline)
+            .filter(|(_, e)| e.lease_expires <= deadline && !e.body_done)
             .map(|(id, e)| {
                 e.stop.stop(StopReason::LeaseLost);
                 *id
@@ -217,6 +233,26 @@ mod tests {
         assert_eq!(jobs.len(), 1, "removing another attempt keeps this one");
         jobs.remove(key(1, 2));
         assert!(jobs.is_empty());
+    }
+
+    /// A job whose outcome waits to be written (its row completed by the
+    /// write racing the heartbeat, or locked by another transaction) has
+    /// nothing to stop: no "no longer ours" report, no lease-lost stop.
+    #[test]
+    fn a_finished_body_is_not_stopped() {
+        let jobs = RunningJobs::default();
+        let stop = StopSignal::default();
+        let long_ago = Instant::now() - Duration::from_secs(60);
+        jobs.insert(key(1, 1), stop.clone(), long_ago, LEASE);
+        jobs.body_done(key(1, 1));
+        assert!(!jobs.stop(key(1, 1), StopReason::LeaseLost));
+        assert!(jobs.stop_expiring(Instant::now()).is_empty());
+        assert_eq!(stop.reason(), None);
+        assert_eq!(
+            jobs.snapshot(),
+            vec![key(1, 1)],
+            "its lease is still renewed"
+        );
     }
 
     #[test]

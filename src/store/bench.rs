@@ -153,3 +153,94 @@ pub async fn run_summary(client: &Client) -> Result<RunSummary> {
         errors: row.get("errors"),
     })
 }
+
+/// Keeps autovacuum off `job_tasks` (or lets it back on): a benchmark of
+/// cold statistics must not have them refreshed halfway through.
+pub async fn set_autovacuum(client: &Client, on: bool) -> Result<()> {
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE job_tasks SET (autovacuum_enabled = {on})"
+        ))
+        .await?;
+    Ok(())
+}
+
+/// Completed jobs, and first claim to last completion on the database
+/// clock, among them.
+pub async fn completed_span(client: &Client) -> Result<(i64, Duration)> {
+    let row = client
+        .query_one(
+            "SELECT count(*) AS n,
+                    coalesce(extract(epoch FROM max(finished_at) - min(started_at)), 0)::float8 AS span
+               FROM job_tasks WHERE status = 'completed'",
+            &[],
+        )
+        .await?;
+    let span: f64 = row.get("span");
+    Ok((row.get("n"), Duration::from_secs_f64(span.max(0.0))))
+}
+
+/// The database clock, in Unix seconds.
+pub async fn clock(client: &Client) -> Result<f64> {
+    Ok(client
+        .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+        .await?
+        .get(0))
+}
+
+/// What one window of a soak run saw: the jobs enqueued in it, their pickup
+/// latency (INSERT's transaction to claim, database clock), and the
+/// table as the window ended.
+#[derive(Debug, Clone)]
+pub struct SoakWindow {
+    pub enqueued: i64,
+    pub claimed: i64,
+    pub pickup_p50_ms: f64,
+    pub pickup_p99_ms: f64,
+    pub rows: i64,
+    pub pending: i64,
+    pub table_bytes: i64,
+    pub index_bytes: i64,
+    pub dead_rows: i64,
+}
+
+/// `from` and `to` in Unix seconds on the database clock.
+pub async fn soak_window(client: &Client, from: f64, to: f64) -> Result<SoakWindow> {
+    let row = client
+        .query_one(
+            "WITH w AS (
+                 SELECT extract(epoch FROM started_at - created_at) * 1000 AS pickup_ms
+                   FROM job_tasks
+                  WHERE created_at >= to_timestamp($1) AND created_at < to_timestamp($2))
+             SELECT (SELECT count(*) FROM w) AS enqueued,
+                    (SELECT count(pickup_ms) FROM w) AS claimed,
+                    (SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY pickup_ms), 0) FROM w)::float8 AS p50,
+                    (SELECT coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY pickup_ms), 0) FROM w)::float8 AS p99,
+                    (SELECT count(*) FROM job_tasks) AS rows,
+                    (SELECT count(*) FROM job_tasks WHERE status = 'pending') AS pending,
+                    pg_table_size('job_tasks') AS table_bytes,
+                    pg_indexes_size('job_tasks') AS index_bytes,
+                    (SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relname = 'job_tasks') AS dead",
+            &[&from, &to],
+        )
+        .await?;
+    Ok(SoakWindow {
+        enqueued: row.get("enqueued"),
+        claimed: row.get("claimed"),
+        pickup_p50_ms: row.get("p50"),
+        pickup_p99_ms: row.get("p99"),
+        rows: row.get("rows"),
+        pending: row.get("pending"),
+        table_bytes: row.get("table_bytes"),
+        index_bytes: row.get("index_bytes"),
+        dead_rows: row.get("dead"),
+    })
+}
+
+/// The cluster's `autovacuum` setting.
+pub async fn autovacuum_setting(client: &Client) -> Result<String> {
+    Ok(client
+        .query_one("SELECT current_setting('autovacuum')", &[])
+        .await?
+        .get(0))
+}

@@ -33,8 +33,12 @@ pub enum Ending<'a> {
         kind: ErrorKind,
         message: &'a str,
     },
-    /// Back to `pending`, the attempt not counted (shutdown).
-    HandBack,
+    /// Back to `pending`, the attempt not counted (shutdown, a dependency
+    /// down). `note`, when given, becomes the row's `error_message` while
+    /// it waits; the error history is left alone.
+    HandBack {
+        note: Option<&'a str>,
+    },
 }
 
 /// One outcome to record.
@@ -97,8 +101,15 @@ impl WriteCycle {
         }
     }
 
-    /// Records `ended` and claims up to `claim` due jobs, atomically.
-    pub async fn run(&self, pool: &Pool, ended: &[Ended<'_>], claim: i64) -> Result<Cycle> {
+    /// Records `ended` and claims up to `claim` due jobs, atomically, none
+    /// of a task type in `paused`.
+    pub async fn run(
+        &self,
+        pool: &Pool,
+        ended: &[Ended<'_>],
+        claim: i64,
+        paused: &[&str],
+    ) -> Result<Cycle> {
         let mut ids = Vec::with_capacity(ended.len());
         let mut attempts = Vec::with_capacity(ended.len());
         let mut outcomes = Vec::with_capacity(ended.len());
@@ -110,7 +121,7 @@ impl WriteCycle {
             let (outcome, kind, message) = match e.ending {
                 Ending::Completed => ("completed", None, None),
                 Ending::Failed { kind, message } => ("failed", Some(kind.as_str()), Some(message)),
-                Ending::HandBack => ("handback", None, None),
+                Ending::HandBack { note } => ("handback", None, note),
             };
             outcomes.push(outcome);
             kinds.push(kind);
@@ -118,7 +129,7 @@ impl WriteCycle {
         }
         let handed_back = outcomes.contains(&"handback");
         let worker_id: &str = &self.worker_id;
-        let params: [&(dyn ToSql + Sync); 9] = [
+        let params: [&(dyn ToSql + Sync); 10] = [
             &ids,
             &attempts,
             &outcomes,
@@ -128,6 +139,7 @@ impl WriteCycle {
             &self.backoff.max_secs,
             &worker_id,
             &self.lease_secs,
+            &paused,
         ];
         // The claim size is written into the text, not bound: with a known
         // LIMIT the server can reuse one generic plan per size instead of
@@ -187,7 +199,8 @@ impl WriteCycle {
 
 /// The write-cycle statement. $1..$5 the outcomes (id, attempt, outcome,
 /// kind, message), $6/$7 backoff base/max seconds, $8 worker id, $9 lease
-/// seconds; `limit` is the text of the claim's LIMIT.
+/// seconds, $10 the task types not to claim (their dependencies are down);
+/// `limit` is the text of the claim's LIMIT.
 ///
 /// The jobs to claim are chosen by `docworker_claimable` (sql/0004): in
 /// the claim index's order whatever the table's statistics, and never a
@@ -262,14 +275,14 @@ WITH o AS (
         result = CASE WHEN p.outcome = 'handback' OR p.will_retry THEN NULL ELSE t.result END,
         error_message = CASE
             WHEN p.outcome = 'completed' THEN NULL
-            WHEN p.outcome = 'handback' THEN t.error_message
+            WHEN p.outcome = 'handback' THEN coalesce(p.message, t.error_message)
             WHEN p.will_retry THEN format('Attempt %s of %s failed: %s Retrying at %s.',
                 t.attempt, t.max_attempts, p.message,
                 to_char(p.retry_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'))
             WHEN p.kind = 'transient' THEN format('Gave up after %s attempts. Last error: %s',
                 t.attempt, p.message)
             ELSE p.message END,
-        errors = CASE WHEN p.message IS NULL THEN t.errors
+        errors = CASE WHEN p.message IS NULL OR p.outcome = 'handback' THEN t.errors
             ELSE t.errors || jsonb_build_array(jsonb_build_object(
                 'attempt', t.attempt, 'at', now(), 'kind', p.kind,
                 'message', p.message, 'worker', $8::text)) END,
@@ -283,7 +296,7 @@ WITH o AS (
 ), c AS MATERIALIZED (
     -- A deferred outcome keeps its slot: claim that many fewer.
     SELECT id FROM docworker_claimable(
-        {limit} - (SELECT count(*)::int FROM deferred), {unkeyed}, $1::uuid[])
+        {limit} - (SELECT count(*)::int FROM deferred), {unkeyed}, $1::uuid[], $10::text[])
 ), claimed AS (
     UPDATE job_tasks t SET {claim_set}
       FROM c WHERE t.id = c.id

@@ -22,6 +22,16 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "rollup_never_waits",
         include_str!("../../sql/0005_rollup_never_waits.sql"),
     ),
+    (
+        6,
+        "claim_skips_paused",
+        include_str!("../../sql/0006_claim_skips_paused.sql"),
+    ),
+    (
+        7,
+        "filename_text",
+        include_str!("../../sql/0007_filename_text.sql"),
+    ),
 ];
 
 /// The schema version this binary needs.

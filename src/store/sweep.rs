@@ -107,3 +107,74 @@ pub async fn refresh_dirty_batches(pool: &Pool, limit: i32) -> Result<i32> {
         .await?;
     Ok(client.query_one(&stmt, &[&limit]).await?.get(0))
 }
+
+/// The queue's tables, as vacuumed when autovacuum cannot.
+pub const QUEUE_TABLES: [&str; 3] = ["job_tasks", "job_batches", "docworker_dirty_batches"];
+
+/// Whether autovacuum keeps `table` clean, and how many dead rows it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VacuumState {
+    /// Autovacuum is on for the cluster and not turned off for the table.
+    pub autovacuum: bool,
+    /// This role may vacuum it (it owns the table, or is superuser).
+    pub may_vacuum: bool,
+    pub live_rows: i64,
+    pub dead_rows: i64,
+}
+
+impl VacuumState {
+    /// Dead rows past what autovacuum would tolerate with the per-table
+    /// settings of migration 1 (50 + 2% of the live rows).
+    pub fn needs_vacuum(&self) -> bool {
+        self.dead_rows > 50 + self.live_rows / 50
+    }
+}
+
+pub async fn vacuum_state(pool: &Pool, table: &str) -> Result<VacuumState> {
+    let client = pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT current_setting('autovacuum')::bool
+                    AND coalesce((SELECT o.option_value::bool
+                                    FROM pg_options_to_table(c.reloptions) o
+                                   WHERE o.option_name = 'autovacuum_enabled'), true) AS autovacuum,
+                    pg_has_role(current_user, c.relowner, 'USAGE')
+                    OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS may_vacuum,
+                    coalesce(s.n_live_tup, 0) AS live, coalesce(s.n_dead_tup, 0) AS dead
+               FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+              WHERE c.oid = $1::text::regclass",
+            &[&table],
+        )
+        .await?;
+    Ok(VacuumState {
+        autovacuum: row.get("autovacuum"),
+        may_vacuum: row.get("may_vacuum"),
+        live_rows: row.get("live"),
+        dead_rows: row.get("dead"),
+    })
+}
+
+/// `VACUUM (ANALYZE)` of one of [`QUEUE_TABLES`], by one worker at a time
+/// (a session advisory lock; false when another worker holds it). It takes
+/// no lock that blocks the queue's reads or writes.
+pub async fn vacuum(pool: &Pool, table: &str) -> Result<bool> {
+    // 1685021473: docworker's key space ('docu') + 1, for maintenance.
+    const VACUUM_LOCK: i64 = 1_685_021_473;
+    anyhow::ensure!(QUEUE_TABLES.contains(&table), "not a queue table: {table}");
+    let client = pool.get().await?;
+    let locked: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&VACUUM_LOCK])
+        .await?
+        .get(0);
+    if !locked {
+        return Ok(false);
+    }
+    let vacuumed = client
+        .batch_execute(&format!("VACUUM (ANALYZE) {table}"))
+        .await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&VACUUM_LOCK])
+        .await?;
+    vacuumed?;
+    Ok(true)
+}

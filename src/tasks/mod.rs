@@ -4,8 +4,9 @@
 //! `noop` exists to exercise and benchmark the queue itself. This is where
 //! the queue's generic facilities meet documents: `ingest` and `delete` run
 //! one job per document at a time (the queue's exclusivity key is the
-//! document id), `noop` touches no document and is exempt; readiness adds
-//! the embedder and Chroma to the queue's own checks.
+//! document id), `noop` touches no document and is exempt; `ingest` needs
+//! the embedder and Chroma, `delete` only Chroma, so an outage of one pauses
+//! only the jobs that need it; readiness adds both to the queue's checks.
 
 pub mod noop;
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, CHROMA, EMBEDDER};
 use crate::queue::health::CHECK_TIMEOUT;
 use crate::queue::{Check, JobContext, JobError, JobSpec, TaskHandler};
 
@@ -33,6 +34,25 @@ impl TaskHandler for DocumentTasks {
 
     fn unkeyed_task_types(&self) -> &[&'static str] {
         &[NOOP]
+    }
+
+    fn dependencies(&self, task_type: &str) -> &'static [&'static str] {
+        match task_type {
+            INGEST => &[EMBEDDER, CHROMA],
+            DELETE => &[CHROMA],
+            _ => &[],
+        }
+    }
+
+    fn probe(&self, dependency: &'static str) -> BoxFuture<'_, Result<(), String>> {
+        async move {
+            match dependency {
+                EMBEDDER => self.pipeline.embedder_probe().await,
+                CHROMA => self.pipeline.chroma_reachable().await,
+                other => Err(format!("no probe for {other:?}")),
+            }
+        }
+        .boxed()
     }
 
     fn run<'a>(
@@ -65,10 +85,7 @@ impl TaskHandler for DocumentTasks {
                 timed(self.pipeline.embedder_reachable()),
                 timed(self.pipeline.chroma_reachable())
             );
-            vec![
-                Check::new("embedder", embedder),
-                Check::new("chroma", chroma),
-            ]
+            vec![Check::new(EMBEDDER, embedder), Check::new(CHROMA, chroma)]
         }
         .boxed()
     }

@@ -26,7 +26,6 @@ struct Sample {
     status: String,
     stage: Option<String>,
     attempt: i32,
-    max_attempts: i32,
     total: i32,
     completed: i32,
     error_message: Option<String>,
@@ -42,7 +41,7 @@ async fn sample(stack: &Stack, id: Uuid) -> Sample {
         .db
         .client
         .query_one(
-            "SELECT status::text, stage, attempt, max_attempts, total_chunks, completed_chunks,
+            "SELECT status::text, stage, attempt, total_chunks, completed_chunks,
                     error_message, run_at > now(), jsonb_array_length(errors), result
                FROM job_tasks WHERE id = $1",
             &[&id],
@@ -53,13 +52,12 @@ async fn sample(stack: &Stack, id: Uuid) -> Sample {
         status: r.get(0),
         stage: r.get(1),
         attempt: r.get(2),
-        max_attempts: r.get(3),
-        total: r.get(4),
-        completed: r.get(5),
-        error_message: r.get(6),
-        run_at_future: r.get(7),
-        errors: r.get(8),
-        result: r.get(9),
+        total: r.get(3),
+        completed: r.get(4),
+        error_message: r.get(5),
+        run_at_future: r.get(6),
+        errors: r.get(7),
+        result: r.get(8),
     }
 }
 
@@ -264,22 +262,28 @@ fn result_of(s: &Sample) -> &Value {
 
 // 1. Embedder answering 503 -------------------------------------------------------
 
-/// Two 503s against embed.tries = 3: the third try in the same attempt
-/// succeeds, and the row never shows a failure.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedder_503s_fewer_than_the_tries_complete_in_the_first_attempt() {
-    let _g = harness::timed().await;
+/// A private embed server with `fault` queued, a stack on it and the
+/// shared Chroma, and one ingest job of twenty sentences.
+async fn notes_on_a_faulty_embedder(fault: Value) -> (EmbedServer, Stack, Uuid) {
     let embedder = EmbedServer::start_new(&[]);
     let stack = Stack::on(&services::shared_chroma().url(), &embedder.url()).await;
     let path = stack.write("notes.txt", prose(20, ""));
     let id = stack
         .ingest("notes.txt", &path.display().to_string(), None, json!({}))
         .await;
-    embedder
-        .fault(
-            json!({"mode": "status", "status": 503, "body": {"error": "server busy"}, "count": 2}),
-        )
-        .await;
+    embedder.fault(fault).await;
+    (embedder, stack, id)
+}
+
+/// Two 503s against embed.tries = 3: the third try in the same attempt
+/// succeeds, and the row never shows a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedder_503s_fewer_than_the_tries_complete_in_the_first_attempt() {
+    let _g = harness::timed().await;
+    let (embedder, stack, id) = notes_on_a_faulty_embedder(
+        json!({"mode": "status", "status": 503, "body": {"error": "server busy"}, "count": 2}),
+    )
+    .await;
     let worker = stack.worker();
 
     let done = wait_completed(&stack, id, &[&worker]).await;
@@ -296,78 +300,110 @@ async fn embedder_503s_fewer_than_the_tries_complete_in_the_first_attempt() {
     assert_eq!(stack.assert_whole(id).await, done.total as usize);
 }
 
-/// Five 503s against embed.tries = 3: the first attempt fails after three
-/// tries and the job waits `pending` for its retry, then completes in the
-/// second attempt, which rides out the two remaining 503s.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedder_503s_more_than_the_tries_retry_the_job_later_and_complete() {
-    let _g = harness::timed().await;
-    let embedder = EmbedServer::start_new(&[]);
-    let mut stack = Stack::on(&services::shared_chroma().url(), &embedder.url()).await;
-    // A retry delay long enough to see the job waiting for it.
-    stack
-        .set("DOCWORKER__RETRY__BASE_DELAY", "3s")
-        .set("DOCWORKER__RETRY__MAX_DELAY", "10s");
-    let path = stack.write("notes.txt", prose(20, ""));
-    let id = stack
-        .ingest("notes.txt", &path.display().to_string(), None, json!({}))
-        .await;
-    embedder
-        .fault(
-            json!({"mode": "status", "status": 503, "body": {"error": "server busy"}, "count": 5}),
-        )
-        .await;
-    let worker = stack.worker();
-
-    let waiting = wait_for(
-        &stack,
+/// Waits until the job is back `pending`, paused on `dependency` with its
+/// attempt unspent and nothing in its error history; returns that sample.
+async fn wait_paused_on(
+    stack: &Stack,
+    id: Uuid,
+    worker: &WorkerProcess,
+    dependency: &str,
+    cause: &str,
+) -> Sample {
+    let prefix = format!("Paused: {dependency} has been unavailable since");
+    let paused = wait_for(
+        stack,
         id,
-        &[&worker],
+        &[worker],
         JOB_DEADLINE,
-        "the retry wait",
-        |s| s.status == "pending" && s.attempt == 1,
+        "paused on an unavailable dependency",
+        |s| {
+            s.status == "pending"
+                && s.error_message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with(&prefix))
+        },
     )
     .await;
+    let message = paused.error_message.clone().unwrap_or_default();
+    assert!(message.contains(cause), "{paused:?}");
+    assert_eq!(paused.attempt, 0, "the attempt is not spent: {paused:?}");
+    assert_eq!(paused.errors, 0, "{:#?}", errors(stack, id).await);
+    assert!(!paused.run_at_future, "due at once: {paused:?}");
+    paused
+}
+
+/// Five 503s against embed.tries = 3: the first attempt's three tries and
+/// the probe that follows are refused, so the embedder is down for
+/// everyone: the job is handed back unspent and the embedder probed until
+/// it answers; then the job completes in its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedder_503s_more_than_the_tries_pause_the_job_until_it_answers() {
+    let _g = harness::timed().await;
+    let (embedder, stack, id) = notes_on_a_faulty_embedder(
+        json!({"mode": "status", "status": 503, "body": {"error": "server busy"}, "count": 5}),
+    )
+    .await;
+    let worker = stack.worker();
+
+    let paused = wait_paused_on(&stack, id, &worker, "embedder", "HTTP 503").await;
     assert!(
-        waiting.run_at_future,
-        "retry scheduled in the future: {waiting:?}"
+        paused
+            .error_message
+            .as_deref()
+            .unwrap_or("")
+            .contains("server busy"),
+        "{paused:?}"
     );
-    let message = waiting.error_message.clone().unwrap_or_default();
-    assert!(
-        message.starts_with("Attempt 1 of 5 failed:")
-            && message.contains("HTTP 503")
-            && message.contains("server busy"),
-        "{waiting:?}"
-    );
-    assert_eq!(waiting.errors, 1, "{waiting:?}");
+
+    let done = wait_completed(&stack, id, &[&worker]).await;
+    assert_eq!(done.attempt, 1, "{done:?}{}", logs(&[&worker]));
+    assert_eq!(done.error_message, None, "cleared on completion");
+    assert_eq!(errors(&stack, id).await, Vec::<Value>::new());
+    let stats = embedder.stats().await;
+    assert_eq!(stat(&stats, "faulted_requests"), 5, "{stats}");
+    // Three tries, then probes until one is answered, then the job's one batch.
+    assert_eq!(stat(&stats, "embed_requests"), 7, "{stats}");
+    assert_eq!(embed_retries_logged(&worker), 2, "{}", logs(&[&worker]));
+    let log = logs(&[&worker]);
+    assert_eq!(log.matches("dependency unavailable").count(), 1, "{log}");
+    assert_eq!(log.matches("dependency back").count(), 1, "{log}");
+    assert_eq!(stack.assert_whole(id).await, done.total as usize);
+    let generation = &stack.chunks_of(id).await[0].1["generation"];
+    assert_eq!(generation, &json!(format!("{id}/1")));
+}
+
+/// A 500 on one request while the embedder answers its probe is this job's
+/// failure, not an outage: the attempt is spent and retried with backoff,
+/// so a request that fails every time cannot loop forever unspent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_the_probe_does_not_repeat_spends_the_attempt() {
+    let _g = harness::timed().await;
+    let (_embedder, stack, id) = notes_on_a_faulty_embedder(
+        json!({"mode": "status", "status": 500, "body": {"error": "bad batch"}, "count": 3}),
+    )
+    .await;
+    let worker = stack.worker();
 
     let done = wait_completed(&stack, id, &[&worker]).await;
     assert_eq!(done.attempt, 2, "{done:?}{}", logs(&[&worker]));
-    assert_eq!(done.error_message, None, "cleared on completion");
     let history = errors(&stack, id).await;
     assert_eq!(history.len(), 1, "{history:#?}");
-    assert_eq!(history[0]["attempt"], 1);
     assert_eq!(history[0]["kind"], "transient");
     assert!(
         history[0]["message"]
             .as_str()
             .unwrap_or("")
-            .contains("HTTP 503"),
+            .contains("HTTP 500"),
         "{history:#?}"
     );
-    let stats = embedder.stats().await;
-    assert_eq!(stat(&stats, "faulted_requests"), 5, "{stats}");
-    assert_eq!(stat(&stats, "embed_requests"), 6, "{stats}");
-    assert_eq!(embed_retries_logged(&worker), 4, "{}", logs(&[&worker]));
+    assert!(!logs(&[&worker]).contains("dependency unavailable"));
     assert_eq!(stack.assert_whole(id).await, done.total as usize);
-    let generation = &stack.chunks_of(id).await[0].1["generation"];
-    assert_eq!(generation, &json!(format!("{id}/2")));
 }
 
 // 2. Embedder slower than embed.timeout ---------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedder_slower_than_the_timeout_is_retried_until_it_answers() {
+async fn embedder_slower_than_the_timeout_pauses_the_job_until_it_answers() {
     let _g = harness::timed().await;
     let embedder = EmbedServer::start_new(&[]);
     let mut stack = Stack::on(&services::shared_chroma().url(), &embedder.url()).await;
@@ -377,16 +413,22 @@ async fn embedder_slower_than_the_timeout_is_retried_until_it_answers() {
         .ingest("notes.txt", &path.display().to_string(), None, json!({}))
         .await;
     // Four answers later than the timeout: three use up the first attempt's
-    // tries, the fourth is the second attempt's first try.
+    // tries, the fourth is the probe's.
     embedder
         .fault(json!({"mode": "delay", "seconds": 2.5, "count": 4}))
         .await;
     let worker = stack.worker();
 
     let done = wait_completed(&stack, id, &[&worker]).await;
-    // Normally exactly the first attempt fails; a healthy answer slower
-    // than the 1 s timeout on a loaded machine would add another.
-    assert!(done.attempt >= 2, "{done:?}{}", logs(&[&worker]));
+    // Three tries and the probe after them time out: the embedder is down
+    // and the job waits for it unspent. A healthy answer slower than the
+    // 1 s timeout on a loaded machine, with the probe answered, would spend
+    // an attempt.
+    assert!(
+        logs(&[&worker]).contains("dependency unavailable"),
+        "{}",
+        logs(&[&worker])
+    );
     let history = errors(&stack, id).await;
     assert_eq!(history.len() as i32, done.attempt - 1, "{history:#?}");
     for e in &history {
@@ -408,7 +450,7 @@ async fn embedder_slower_than_the_timeout_is_retried_until_it_answers() {
 // 3. Embedder dropping connections --------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedder_dropping_connections_is_retried_until_it_answers() {
+async fn embedder_dropping_connections_pauses_the_job_until_it_answers() {
     let _g = harness::timed().await;
     let embedder = EmbedServer::start_new(&[]);
     let stack = Stack::on(&services::shared_chroma().url(), &embedder.url()).await;
@@ -417,34 +459,17 @@ async fn embedder_dropping_connections_is_retried_until_it_answers() {
     embedder.fault(json!({"mode": "drop", "count": -1})).await;
     let worker = stack.worker();
 
-    // Every request is cut off unanswered until at least one whole attempt
-    // has failed on it.
-    let failed = wait_for(
-        &stack,
-        id,
-        &[&worker],
-        JOB_DEADLINE,
-        "a failed attempt",
-        |s| s.errors >= 1,
-    )
-    .await;
-    assert_ne!(failed.status, "completed", "{failed:?}");
+    // Every request, probes too, is cut off unanswered: the job waits,
+    // its attempt unspent, however long that lasts.
+    wait_paused_on(&stack, id, &worker, "embedder", "embedding server").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = sample(&stack, id).await;
+    assert_eq!((still.attempt, still.errors), (0, 0), "{still:?}");
     embedder.fault(json!({"mode": "clear"})).await;
 
     let done = wait_completed(&stack, id, &[&worker]).await;
-    assert!(done.attempt >= 2, "{done:?}");
-    let history = errors(&stack, id).await;
-    assert!(!history.is_empty());
-    for e in &history {
-        assert_eq!(e["kind"], "transient", "{history:#?}");
-        assert!(
-            e["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains("embedding server"),
-            "{history:#?}"
-        );
-    }
+    assert_eq!(done.attempt, 1, "{done:?}");
+    assert_eq!(errors(&stack, id).await, Vec::<Value>::new());
     let stats = embedder.stats().await;
     assert!(stat(&stats, "faulted_requests") >= 3, "{stats}");
     assert_eq!(stack.assert_whole(id).await, done.total as usize);
@@ -453,43 +478,8 @@ async fn embedder_dropping_connections_is_retried_until_it_answers() {
 
 // 4. Chroma down --------------------------------------------------------------------
 
-/// Waits until the job waits for a retry after failing on Chroma; checks
-/// that it never ended in `error` meanwhile (wait_for panics on that).
-async fn wait_backing_off_on_chroma(stack: &Stack, id: Uuid, worker: &WorkerProcess) {
-    let waiting = wait_for(
-        stack,
-        id,
-        &[worker],
-        JOB_DEADLINE,
-        "a retry wait after a ChromaDB failure",
-        |s| {
-            s.status == "pending"
-                && s.attempt >= 1
-                && s.run_at_future
-                && s.error_message
-                    .as_deref()
-                    .is_some_and(|m| m.contains("ChromaDB"))
-        },
-    )
-    .await;
-    assert_eq!(waiting.max_attempts, 50);
-    let message = waiting.error_message.clone().unwrap_or_default();
-    assert!(
-        message.starts_with(&format!(
-            "Attempt {} of {} failed: ChromaDB at",
-            waiting.attempt, waiting.max_attempts
-        )),
-        "{waiting:?}"
-    );
-    // Several attempts, each retried later, none giving up.
-    wait_for(stack, id, &[worker], JOB_DEADLINE, "a third attempt", |s| {
-        s.attempt >= 3
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chroma_down_makes_jobs_wait_with_backoff_and_complete_once_it_is_back() {
+async fn chroma_down_makes_jobs_wait_unspent_and_complete_once_it_is_back() {
     let _g = harness::timed().await;
     let chroma = Chroma::start_new();
     chroma.stop();
@@ -500,19 +490,11 @@ async fn chroma_down_makes_jobs_wait_with_backoff_and_complete_once_it_is_back()
     let a_path = stack.write("a.txt", prose(40, "A: "));
     let a = ingest_patient(&stack, "a.txt", &a_path).await;
     let worker = stack.worker();
-    wait_backing_off_on_chroma(&stack, a, &worker).await;
+    wait_paused_on(&stack, a, &worker, "chroma", "ChromaDB at").await;
     chroma.start();
     let done_a = wait_completed(&stack, a, &[&worker]).await;
-    assert!(done_a.attempt >= 3, "{done_a:?}");
-    let history = errors(&stack, a).await;
-    assert_eq!(history.len() as i32, done_a.attempt - 1, "{history:#?}");
-    for e in &history {
-        assert_eq!(e["kind"], "transient", "{history:#?}");
-        assert!(
-            e["message"].as_str().unwrap_or("").contains("ChromaDB"),
-            "{history:#?}"
-        );
-    }
+    assert_eq!(done_a.attempt, 1, "{done_a:?}");
+    assert_eq!(errors(&stack, a).await, Vec::<Value>::new());
     let n_a = stack.assert_whole(a).await;
     assert_eq!(n_a, done_a.total as usize);
     assert_eq!(done_a.completed, done_a.total);
@@ -522,7 +504,7 @@ async fn chroma_down_makes_jobs_wait_with_backoff_and_complete_once_it_is_back()
     chroma.stop();
     let b_path = stack.write("b.txt", prose(30, "B: "));
     let b = ingest_patient(&stack, "b.txt", &b_path).await;
-    wait_backing_off_on_chroma(&stack, b, &worker).await;
+    wait_paused_on(&stack, b, &worker, "chroma", "ChromaDB at").await;
     chroma.start();
     let done_b = wait_completed(&stack, b, &[&worker]).await;
     assert_eq!(stack.assert_whole(b).await, done_b.total as usize);
@@ -1122,9 +1104,15 @@ async fn a_retried_job_counts_its_progress_afresh() {
         |s| s.status == "processing" && s.attempt == 1 && s.completed > 0,
     )
     .await;
-    chroma.stop();
-    // A later attempt claimed and failed while Chroma is down: the claim
-    // cleared the first attempt's counts.
+    // The embedder's runner crashes on every request for two attempts (it
+    // still answers, so this is the job's failure, not an outage): a later
+    // attempt claimed and failed, and the claim cleared the first
+    // attempt's counts.
+    embedder.fault(json!({"mode": "clear"})).await;
+    embedder
+        .fault(json!({"mode": "status", "status": 400, "count": 6,
+            "body": {"error": "llama runner process has terminated: signal: killed"}}))
+        .await;
     let later = wait_for(
         &stack,
         id,
@@ -1142,7 +1130,10 @@ async fn a_retried_job_counts_its_progress_afresh() {
         mid.completed,
         mid.total
     );
-    chroma.start();
+    embedder.fault(json!({"mode": "clear"})).await;
+    embedder
+        .fault(json!({"mode": "delay", "seconds": 0.2, "count": -1}))
+        .await;
 
     let mut samples = Vec::new();
     let start = Instant::now();

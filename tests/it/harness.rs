@@ -716,7 +716,7 @@ impl ActingWorker {
     /// Claims up to `limit` due jobs.
     pub async fn claim(&self, limit: i64) -> Vec<docworker::store::ClaimedJob> {
         self.completer
-            .write(&self.pool, &[], limit)
+            .write(&self.pool, &[], limit, &[])
             .await
             .unwrap()
             .claimed
@@ -729,7 +729,7 @@ impl ActingWorker {
     ) -> Option<docworker::store::Written> {
         let mut cycle = self
             .completer
-            .write(&self.pool, std::slice::from_ref(&finished), 0)
+            .write(&self.pool, std::slice::from_ref(&finished), 0, &[])
             .await
             .unwrap();
         assert!(cycle.claimed.is_empty());

@@ -248,48 +248,37 @@ async fn ollama_model_missing_or_not_for_embedding_fails_permanently() {
     );
 }
 
+/// An embedder nobody answers for (and whose probe fails too) is down: the
+/// job goes back `pending` with its attempt unspent and a message saying
+/// what it waits for; nothing is deleted or created meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_embedder_is_transient_and_retried_later() {
+async fn unreachable_embedder_pauses_the_job_unspent() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://127.0.0.1:{}", closed.local_addr().unwrap().port());
     drop(closed);
     let mut stack = Stack::on(&services::shared_chroma().url(), &url).await;
-    stack
-        .set("DOCWORKER__RETRY__BASE_DELAY", "60s")
-        .set("DOCWORKER__RETRY__MAX_DELAY", "10m")
-        .set("DOCWORKER__FILES__AFTER_SUCCESS", "delete");
+    stack.set("DOCWORKER__FILES__AFTER_SUCCESS", "delete");
     let id = ingest_file(&stack, "a.txt", WHALES, None).await;
     let (code, out, log) = once(&stack, id);
     assert_eq!(code, 3, "stdout:\n{out}\nlog:\n{log}");
 
     let row = stack.row(id).await;
     assert_eq!(row.status, "pending", "{row:?}\n{log}");
-    assert_eq!(row.attempt, 1, "{row:?}");
+    assert_eq!(row.attempt, 0, "the attempt is not spent: {row:?}");
     let message = row.error_message.clone().unwrap_or_default();
-    for needle in ["Attempt 1 of", "could not be reached", &url, "Retrying at"] {
+    for needle in [
+        "Paused: embedder has been unavailable since",
+        "this attempt does not count",
+        "could not be reached",
+        &url,
+    ] {
         assert!(message.contains(needle), "{needle:?} not in {message:?}");
     }
-    let errors = errors_of(&stack, id).await;
-    assert_eq!(errors.as_array().map(Vec::len), Some(1), "{errors}");
-    assert_eq!(errors[0]["kind"], json!("transient"), "{errors}");
-    // Backoff: not due again for a while (60 s less up to 25 % jitter).
-    let wait: f64 = stack
-        .db
-        .client
-        .query_one(
-            "SELECT extract(epoch FROM run_at - now())::float8 FROM job_tasks WHERE id = $1",
-            &[&id],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(wait > 30.0, "due again in {wait} s");
+    assert_eq!(errors_of(&stack, id).await, json!([]));
     assert!(
         stack.uploads.path().join("a.txt").exists(),
-        "the file of a job that will be retried was deleted"
+        "the file of a job that waits was deleted"
     );
-    let (code, out, _) = stack.run(&["--once"]);
-    assert_eq!(code, 4, "a job in backoff must not be due: {out}");
     assert!(
         services::collection_id(&stack.chroma_url, &stack.collection)
             .await

@@ -66,7 +66,14 @@ async fn assert_schema_complete(client: &Client) {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(n, 1, "function {function}");
+        // The claim has a form for this version and one for the last
+        // (a rolling upgrade), sql/0006.
+        let forms = if function == "docworker_claimable" {
+            2
+        } else {
+            1
+        };
+        assert_eq!(n, forms, "function {function}");
     }
     for trigger in [
         "docworker_notify_insert",
@@ -92,12 +99,15 @@ async fn migrate_creates_everything_then_says_up_to_date() {
 
     let (code, out, err) = worker(&db.url, &["migrate"], &[]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("applied migrations [1, 2, 3, 4, 5]"), "{out}");
+    assert!(
+        out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7]"),
+        "{out}"
+    );
     assert_schema_complete(&db.client).await;
 
     let (code, out, err) = worker(&db.url, &["migrate"], &[]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("schema is up to date (version 5)"), "{out}");
+    assert!(out.contains("schema is up to date (version 7)"), "{out}");
 
     let rows = db
         .client
@@ -115,7 +125,9 @@ async fn migrate_creates_everything_then_says_up_to_date() {
             (2, "pipeline".to_string()),
             (3, "retry_resets_progress".to_string()),
             (4, "claim".to_string()),
-            (5, "rollup_never_waits".to_string())
+            (5, "rollup_never_waits".to_string()),
+            (6, "claim_skips_paused".to_string()),
+            (7, "filename_text".to_string())
         ]
     );
 }
@@ -139,7 +151,7 @@ async fn concurrent_migrations_apply_the_schema_once() {
     for run in runs {
         let (code, out, err) = run.await.unwrap();
         assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-        if out.contains("applied migrations [1, 2, 3, 4, 5]") {
+        if out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7]") {
             applied += 1;
         } else if out.contains("schema is up to date") {
             up_to_date += 1;
@@ -150,7 +162,7 @@ async fn concurrent_migrations_apply_the_schema_once() {
     assert_eq!((applied, up_to_date), (1, 3));
     assert_eq!(
         db.count("SELECT count(*) FROM docworker_migrations").await,
-        5
+        7
     );
     assert_schema_complete(&db.client).await;
     // Applied once: one claim index, one rollup trigger.
@@ -255,7 +267,10 @@ async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
 
     let (code, out, err) = worker(&db.url, &["migrate"], &[]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("applied migrations [1, 2, 3, 4, 5]"), "{out}");
+    assert!(
+        out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7]"),
+        "{out}"
+    );
     assert_schema_complete(c).await;
 
     // Every row kept with its values, the app's other table untouched.
@@ -916,5 +931,75 @@ async fn the_claim_reads_only_the_partial_index_among_a_million_finished_rows() 
         db.count("SELECT count(*) FROM job_tasks WHERE status = 'pending'")
             .await,
         pending.len() as i64
+    );
+}
+
+/// A 300-character UTF-8 file name, as some uploads carry.
+fn long_name() -> String {
+    format!("{}.pdf", "Überblick über die Jahresberichte ".repeat(9))
+}
+
+/// The app's INSERT and `docworker_enqueue_batch` both store `name` whole.
+async fn assert_stores_long_names(c: &Client, name: &str) {
+    let id: Uuid = c
+        .query_one(
+            "INSERT INTO job_tasks (filename, file_path) VALUES ($1, '/uploads/x.pdf') RETURNING id",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let stored: String = c
+        .query_one("SELECT filename FROM job_tasks WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, name);
+    let files = json!([{ "filename": name, "file_path": "/uploads/y.pdf" }]);
+    let row = c
+        .query_one(
+            "SELECT filename FROM docworker_enqueue_batch($1::text::jsonb)",
+            &[&files.to_string()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), name);
+}
+
+/// `filename varchar(255)` made the app's own INSERT fail for a longer
+/// name, aborting its upload transaction. A fresh install and an adopted
+/// legacy table both take any length now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_utf8_file_names_fit_on_fresh_and_adopted_tables() {
+    let name = long_name();
+    assert_eq!(name.chars().count(), 310);
+
+    let fresh = shared().database(true).await;
+    assert_stores_long_names(&fresh.client, &name).await;
+
+    let legacy = shared().database(false).await;
+    legacy.client.batch_execute(LEGACY_DDL).await.unwrap();
+    let (code, out, err) = worker(&legacy.url, &["migrate"], &[]).await;
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert_stores_long_names(&legacy.client, &name).await;
+}
+
+/// A view of the app's own on the column forbids widening it: the upgrade
+/// still goes through, and says what to do by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_on_filename_keeps_it_narrow_and_the_migration_says_why() {
+    let legacy = shared().database(false).await;
+    legacy.client.batch_execute(LEGACY_DDL).await.unwrap();
+    legacy
+        .client
+        .batch_execute("CREATE VIEW upload_names AS SELECT id, filename FROM job_tasks")
+        .await
+        .unwrap();
+    let (code, out, err) = worker(&legacy.url, &["migrate"], &[]).await;
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains("job_tasks.filename stays character varying(255)")
+            && err.contains("ALTER TABLE job_tasks ALTER COLUMN filename TYPE text"),
+        "stdout: {out}\nstderr: {err}"
     );
 }

@@ -102,6 +102,8 @@ pub async fn install_audit(client: &Client) {
 /// nothing), the statements nested in `docworker_claimable` included, as
 /// PostgreSQL ran them: `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` output by
 /// `auto_explain`, outermost last. Rolled back: nothing is claimed.
+/// (The outer statement, last, is JIT-compiled: `jit_above_cost` is 0 in
+/// this session.)
 pub async fn claim_plans(url: &str, limit: i64) -> Vec<Value> {
     use futures_util::StreamExt;
     let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -118,6 +120,7 @@ pub async fn claim_plans(url: &str, limit: i64) -> Vec<Value> {
     });
     let mut sql = docworker::store::cycle::statement(&limit.to_string(), &[docworker::tasks::NOOP]);
     for (param, value) in [
+        ("$10", "'{}'"),
         ("$9", "30"),
         ("$8", "'explain-worker'"),
         ("$7", "2"),
@@ -142,6 +145,9 @@ pub async fn claim_plans(url: &str, limit: i64) -> Vec<Value> {
              SET auto_explain.log_format = json;
              SET auto_explain.log_level = notice;
              SET client_min_messages = notice;
+             -- Whatever can be JIT-compiled is, so a plan that would be on
+             -- a large enough table shows it here.
+             SET jit_above_cost = 0;
              BEGIN",
         )
         .await

@@ -16,7 +16,7 @@ use crate::bench::procfs::{
 };
 use crate::config::{DatabaseSettings, Provider, Settings};
 use crate::db;
-use crate::pipeline::embed::{EmbedError, Embedder};
+use crate::pipeline::embed::Embedder;
 use crate::store::{bench as sql, schema};
 
 /// The services of the end-to-end phases, checked to be up.
@@ -87,9 +87,8 @@ impl Services {
             embed.tries = 1;
             match Embedder::new(&embed)?.model().await {
                 Ok(_) => {}
-                Err(
-                    EmbedError::Transient(e) | EmbedError::Permanent(e) | EmbedError::TooLong(e),
-                ) => {
+                Err(e) => {
+                    let e = e.message();
                     bail!("the embedding server given by {flag} ({url}) is not usable: {e}")
                 }
             }

@@ -18,7 +18,7 @@ pub mod record;
 pub mod source;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use anyhow::Result;
 use serde_json::{json, Map, Value};
@@ -34,6 +34,7 @@ use chunk::{Chunk, Chunker, Sizer};
 use embed::{EmbedError, Embedder};
 use record::{user_metadata, ChunkMeta};
 use source::Disposal;
+use text_splitter::ChunkSizer;
 
 /// The services the pipeline depends on, by the names the queue's outage
 /// tracking, `/readyz` and the metrics use.
@@ -42,11 +43,11 @@ pub const CHROMA: &str = "chroma";
 
 /// Bumped when parsing or chunking changes what a file turns into, so that
 /// files indexed by an older version are not skipped as unchanged.
-const PIPELINE_VERSION: u32 = 1;
+const PIPELINE_VERSION: u32 = 2;
 
-/// How many times one chunk may be split again after the model refused it
-/// as too long (each split at least halves it).
-const MAX_SPLIT_DEPTH: u32 = 8;
+/// How many times a document is chunked again, each time smaller, after
+/// the model refused one of its chunks as too long.
+const MAX_RECHUNKS: usize = 8;
 
 pub struct Pipeline {
     files: FileSettings,
@@ -178,36 +179,59 @@ impl Pipeline {
         })
         .await?;
 
-        ctx.set_stage(Stage::Chunking).await?;
-        let chunker = self.chunker.clone();
-        let limit = model.context_length.unwrap_or(usize::MAX);
-        let (parsed, chunks) = blocking("chunking", self.files.parse_timeout, move || {
-            let chunks = chunker.chunk(&parsed, limit);
-            Ok((parsed, chunks))
-        })
-        .await?;
-        if chunks.is_empty() {
-            return Err(JobError::permanent(
-                "No text was found in this file to index.",
-            ));
-        }
-
-        let meta = ChunkMeta {
-            document_id: document_id.clone(),
-            file_name: job.filename.clone(),
-            file_type: parsed.format.as_str(),
-            file_hash: file.sha256.clone(),
-            file_size,
-            generation: format!("{}/{}", job.key.id, job.key.attempt),
-            fingerprint,
-            model: self.embedder.model_name().to_string(),
-            indexed_at: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            user: user_metadata,
+        // Chunks are final before any is embedded. A chunk the model still
+        // refuses as too long (a model or server that counts differently)
+        // makes the whole document chunk again at a smaller size, with
+        // indices, overlaps and counts recomputed; the records of the
+        // refused pass are overwritten or, past the new count, removed
+        // with the other stale ones below.
+        let parsed = Arc::new(parsed);
+        let mut limit = model.context_length.unwrap_or(usize::MAX);
+        let mut pass = 0;
+        let (meta, stored) = loop {
+            ctx.set_stage(Stage::Chunking).await?;
+            let (chunker, text) = (self.chunker.clone(), parsed.clone());
+            let chunks = blocking("chunking", self.files.parse_timeout, move || {
+                Ok(chunker.chunk(&text, limit))
+            })
+            .await?;
+            if chunks.is_empty() {
+                return Err(JobError::permanent(
+                    "No text was found in this file to index.",
+                ));
+            }
+            let generation = match pass {
+                0 => format!("{}/{}", job.key.id, job.key.attempt),
+                n => format!("{}/{}/{n}", job.key.id, job.key.attempt),
+            };
+            let meta = ChunkMeta {
+                document_id: document_id.clone(),
+                file_name: job.filename.clone(),
+                file_type: parsed.format.as_str(),
+                file_hash: file.sha256.clone(),
+                file_size,
+                generation,
+                fingerprint: fingerprint.clone(),
+                model: self.embedder.model_name().to_string(),
+                indexed_at: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                user: user_metadata.clone(),
+            };
+            match self.embed_and_store(ctx, &collection, chunks, &meta).await? {
+                Stored::All(n) => break (meta, n),
+                Stored::Refused { tokens, message } if pass < MAX_RECHUNKS => {
+                    let smaller = (tokens.min(limit) * 2 / 3).max(chunk::FLOOR);
+                    tracing::info!(tokens, smaller, reason = %message, "the model refused a chunk as too long; chunking the whole document again smaller");
+                    limit = smaller;
+                    pass += 1;
+                }
+                Stored::Refused { tokens, message } => {
+                    return Err(JobError::permanent(format!(
+                        "The embedding model refused chunks of this file as too long even after chunking it {MAX_RECHUNKS} times smaller (the last refused one: {tokens} tokens by docworker's count; {message}). Set chunk.tokenizer to the model's tokenizer.json or lower chunk.size."
+                    )))
+                }
+            }
         };
         drop(parsed);
-        let stored = self
-            .embed_and_store(ctx, &collection, chunks, limit, &meta)
-            .await?;
 
         ctx.set_stage(Stage::Storing).await?;
         let removed = self
@@ -320,106 +344,94 @@ impl Pipeline {
 
     /// Embeds and stores every chunk, the two overlapping: while one batch
     /// is written to Chroma the next is embedded, so the embedder is never
-    /// kept waiting on the store. Returns the number of chunks stored,
-    /// which grows past `chunks.len()` when the model refused a chunk as
-    /// too long and it was split again.
+    /// kept waiting on the store. Stops at a chunk the model refuses as too
+    /// long, for the caller to chunk the document again.
     async fn embed_and_store(
         &self,
         ctx: &JobContext,
         collection: &Collection,
         chunks: Vec<Chunk>,
-        limit: usize,
         meta: &ChunkMeta,
-    ) -> Result<usize, JobError> {
+    ) -> Result<Stored, JobError> {
+        let total = chunks.len();
         // The total first, so that no poll sees `embedding` with 0/0.
-        ctx.set_progress(0, chunks.len() as i32).await?;
+        ctx.set_progress(0, total as i32).await?;
         ctx.set_stage(Stage::Embedding).await?;
-        let total = AtomicUsize::new(chunks.len());
         let batches = batches(chunks, self.embed_batch_size, self.embed_batch_bytes);
         let (tx, mut rx) = mpsc::channel::<Vec<Embedded>>(1);
         let embedding = async {
             for batch in batches {
-                let embedded = self.embed_batch(batch, limit, &total).await?;
+                let embedded = match self.embed_batch(batch).await? {
+                    Ok(embedded) => embedded,
+                    Err(refused) => return Ok(Some(refused)),
+                };
                 if tx.send(embedded).await.is_err() {
                     break;
                 }
             }
             drop(tx);
-            Ok::<(), JobError>(())
+            Ok::<Option<Stored>, JobError>(None)
         };
         let storing = async {
             let mut stored = 0usize;
             while let Some(embedded) = rx.recv().await {
-                let known_total = total.load(Ordering::SeqCst);
                 let records: Vec<Record> = embedded
                     .into_iter()
                     .enumerate()
-                    .map(|(k, (chunk, embedding))| {
-                        meta.record(stored + k, known_total, chunk, embedding)
-                    })
+                    .map(|(k, (chunk, embedding))| meta.record(stored + k, total, chunk, embedding))
                     .collect();
                 ctx.ensure_lease()?;
                 self.store.upsert(collection, &records).await?;
                 stored += records.len();
-                ctx.set_progress(stored as i32, total.load(Ordering::SeqCst) as i32)
-                    .await?;
+                ctx.set_progress(stored as i32, total as i32).await?;
             }
             Ok::<usize, JobError>(stored)
         };
-        let ((), stored) = tokio::try_join!(embedding, storing)?;
-        Ok(stored)
+        let (refused, stored) = tokio::try_join!(embedding, storing)?;
+        Ok(refused.unwrap_or(Stored::All(stored)))
     }
 
-    /// Embeds one batch. If the model refuses it as too long, each chunk is
-    /// embedded alone, and a chunk refused alone is split and its parts
-    /// embedded in its place.
+    /// Embeds one batch; the inner error is a chunk the model refused as
+    /// too long. A batch refused as a whole is tried chunk by chunk, to
+    /// tell a request too large from a chunk too long.
     async fn embed_batch(
         &self,
         batch: Vec<Chunk>,
-        limit: usize,
-        total: &AtomicUsize,
-    ) -> Result<Vec<Embedded>, JobError> {
+    ) -> Result<Result<Vec<Embedded>, Stored>, JobError> {
         let texts: Vec<&str> = batch.iter().map(|c| c.text.as_str()).collect();
         match self.embedder.embed(&texts).await {
-            Ok(vectors) => Ok(batch.into_iter().zip(vectors).collect()),
-            Err(EmbedError::TooLong(_)) => {
-                let mut out = Vec::with_capacity(batch.len());
-                for chunk in batch {
-                    out.extend(self.embed_alone(chunk, limit, total, 0).await?);
-                }
-                Ok(out)
+            Ok(vectors) => return Ok(Ok(batch.into_iter().zip(vectors).collect())),
+            Err(EmbedError::TooLong(_)) if batch.len() > 1 => {}
+            Err(EmbedError::TooLong(message)) => {
+                return Ok(Err(self.refused(&batch[0], message)));
             }
-            Err(e) => Err(embed_error(e)),
+            Err(e) => return Err(embed_error(e)),
         }
+        let mut out = Vec::with_capacity(batch.len());
+        for chunk in batch {
+            match self.embedder.embed(&[chunk.text.as_str()]).await {
+                Ok(mut v) => out.push((chunk, v.remove(0))),
+                Err(EmbedError::TooLong(message)) => return Ok(Err(self.refused(&chunk, message))),
+                Err(e) => return Err(embed_error(e)),
+            }
+        }
+        Ok(Ok(out))
     }
 
-    fn embed_alone<'a>(
-        &'a self,
-        chunk: Chunk,
-        limit: usize,
-        total: &'a AtomicUsize,
-        depth: u32,
-    ) -> futures_util::future::BoxFuture<'a, Result<Vec<Embedded>, JobError>> {
-        Box::pin(async move {
-            match self.embedder.embed(&[chunk.text.as_str()]).await {
-                Ok(mut v) => Ok(vec![(chunk, v.remove(0))]),
-                Err(EmbedError::TooLong(msg)) if depth < MAX_SPLIT_DEPTH => {
-                    let parts = self.chunker.split_again(&chunk, limit);
-                    tracing::debug!(start = chunk.start, parts = parts.len(), reason = %msg, "chunk too long for the model; split again");
-                    total.fetch_add(parts.len() - 1, Ordering::SeqCst);
-                    let mut out = Vec::with_capacity(parts.len());
-                    for part in parts {
-                        out.extend(self.embed_alone(part, limit, total, depth + 1).await?);
-                    }
-                    Ok(out)
-                }
-                Err(EmbedError::TooLong(msg)) => Err(JobError::permanent(format!(
-                    "The embedding model refused a piece of this file as too long even after splitting it {MAX_SPLIT_DEPTH} times ({msg})."
-                ))),
-                Err(e) => Err(embed_error(e)),
-            }
-        })
+    fn refused(&self, chunk: &Chunk, message: String) -> Stored {
+        Stored::Refused {
+            tokens: self.chunker.sizer.size(&chunk.text),
+            message,
+        }
     }
+}
+
+/// How far one pass of embedding and storing went.
+enum Stored {
+    /// Every chunk, this many.
+    All(usize),
+    /// The model refused a chunk of `tokens` (by the chunker's count) as too long.
+    Refused { tokens: usize, message: String },
 }
 
 /// A chunk and its vector.
@@ -509,6 +521,7 @@ mod tests {
             start: 0,
             end: text.len(),
             page: None,
+            page_end: None,
         }
     }
 

@@ -22,6 +22,8 @@ pub(crate) const RESERVED_KEYS: &[&str] = &[
     "chunk_index",
     "chunk_count",
     "page",
+    "page_start",
+    "page_end",
     "start_byte",
     "end_byte",
     "generation",
@@ -64,6 +66,8 @@ impl ChunkMeta {
         m.insert("chunk_count".into(), json!(total));
         if let Some(page) = chunk.page {
             m.insert("page".into(), json!(page));
+            m.insert("page_start".into(), json!(page));
+            m.insert("page_end".into(), json!(chunk.page_end.unwrap_or(page)));
         }
         m.insert("start_byte".into(), json!(chunk.start));
         m.insert("end_byte".into(), json!(chunk.end));

@@ -200,32 +200,6 @@ fn prose(n: usize, tag: &str) -> String {
     out
 }
 
-/// `words` random four-character alphanumeric "words" ("q7x2 zk9w ..."),
-/// twelve to a line. A word-piece tokenizer cuts each into several tokens,
-/// so 2000 characters of this are far more than 512 tokens, while the
-/// default estimate (4 characters a token) takes them for 500.
-fn gibberish(words: usize, seed: u64) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut x = seed | 1;
-    let mut next = move || {
-        // xorshift64
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        ALPHABET[(x % ALPHABET.len() as u64) as usize] as char
-    };
-    let mut out = String::new();
-    for i in 0..words {
-        if i > 0 {
-            out.push(if i % 12 == 0 { '\n' } else { ' ' });
-        }
-        for _ in 0..4 {
-            out.push(next());
-        }
-    }
-    out
-}
-
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -1194,46 +1168,114 @@ async fn a_retried_job_counts_its_progress_afresh() {
 
 // 10. Inputs over the model's context length ------------------------------------------
 
+/// A realistic technical document: prose, fenced code, a table of
+/// numbers, a list of measurements.
+fn technical_markdown() -> String {
+    let mut md = String::from("# Pump station 7: maintenance report\n\n");
+    for section in 1..=6 {
+        md.push_str(&format!("## {section}. Findings\n\n"));
+        md.push_str(&prose(6, &format!("Section {section}: ")));
+        md.push_str("\n\n```rust\nfn flow_rate(litres: f64, seconds: f64) -> f64 {\n    if seconds <= 0.0 { return 0.0; }\n    litres / seconds * 3600.0 // m3/h x 1000\n}\n```\n\n");
+        md.push_str("| sensor | reading | unit | checked |\n| --- | ---: | --- | --- |\n");
+        for row in 0..12 {
+            md.push_str(&format!(
+                "| PT-{section}{row:02} | {}.{:03} | bar | 2024-0{}-1{} |\n",
+                (section * 37 + row * 11) % 97,
+                (row * 271) % 1000,
+                1 + row % 9,
+                row % 10
+            ));
+        }
+        md.push_str(&format!(
+            "\nVibration {section}: 4.7 mm/s RMS at 1,480 rpm; 0x{:04X} fault code; 3.14159e-2 rad.\n\n",
+            section * 4099
+        ));
+    }
+    md
+}
+
+/// A model whose real context is smaller than it says (here 100 tokens
+/// where /api/show says 512): its refusals make the whole document chunk
+/// again, smaller, until it takes every chunk. The chunks are final before
+/// any is embedded, so the stored ones are one clean set: indices 0..n-1,
+/// `chunk_count` n on every record, none inside another, none under the
+/// floor, the refused passes' records gone. Before, each refused chunk was
+/// split on its own: pieces repeating the overlap, fragments, and counts
+/// that disagreed with the records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chunks_over_the_context_length_are_split_never_truncated() {
+async fn chunks_the_model_refuses_make_the_whole_document_chunk_again() {
     let _g = harness::timed().await;
     let embedder = EmbedServer::start_new(&[]);
-    let stack = Stack::on(&services::shared_chroma().url(), &embedder.url()).await;
-    let text = gibberish(2000, 0x5eed_cafe);
-    let path = stack.write("codes.txt", &text);
+    let mut stack = Stack::on(&services::shared_chroma().url(), &embedder.url()).await;
+    stack
+        .set(
+            "DOCWORKER__CHUNK__TOKENIZER",
+            services::model_tokenizer().to_str().unwrap(),
+        )
+        .set("DOCWORKER__CHUNK__SIZE", "300")
+        .set("DOCWORKER__CHUNK__OVERLAP", "30");
+    let text = technical_markdown();
+    let path = stack.write("report.md", &text);
     let id = stack
-        .ingest("codes.txt", &path.display().to_string(), None, json!({}))
+        .ingest("report.md", &path.display().to_string(), None, json!({}))
+        .await;
+    embedder
+        .fault(json!({"mode": "context", "tokens": 100}))
         .await;
     let worker = stack.worker();
 
     let done = wait_completed(&stack, id, &[&worker]).await;
     assert_eq!(done.attempt, 1, "{done:?}");
-    let n = stack.assert_whole(id).await;
-    assert_eq!(n, done.total as usize);
-    assert_eq!(done.completed, done.total);
-    assert_eq!(result_of(&done)["chunks"], json!(n));
-
-    // The model refused inputs as too long: requests that embedded nothing
-    // (a request that succeeds embeds at least one input).
-    let stats = embedder.stats().await;
-    assert_eq!(stat(&stats, "faulted_requests"), 0, "{stats}");
-    assert_eq!(
-        stat(&stats, "inputs"),
-        n as u64,
-        "each stored chunk embedded once: {stats}"
-    );
     assert!(
-        stat(&stats, "embed_requests") > stat(&stats, "inputs"),
-        "no request was refused: {stats}"
-    );
-    assert!(
-        worker.logs().contains("exceeds the context length"),
+        worker
+            .logs()
+            .contains("chunking the whole document again smaller"),
         "{}",
         logs(&[&worker])
     );
+    assert_clean_chunks(&stack, id, &done, &text, 100).await;
+    let stats = embedder.stats().await;
+    assert_eq!(stat(&stats, "faulted_requests"), 0, "{stats}");
+}
 
-    // Every chunk is a piece of the file, where its metadata says, and
-    // together they cover all of it but the whitespace between them.
+/// The same document with no tokenizer configured and the model's real
+/// context: docworker's estimate (calibrated not to undercount code,
+/// tables and numbers) makes chunks the model takes at the first try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_technical_document_fits_the_model_on_the_estimate_alone() {
+    let _g = harness::timed().await;
+    let stack = Stack::new().await;
+    let text = technical_markdown();
+    let path = stack.write("report.md", &text);
+    let id = stack
+        .ingest("report.md", &path.display().to_string(), None, json!({}))
+        .await;
+    let worker = stack.worker();
+    let done = wait_completed(&stack, id, &[&worker]).await;
+    assert!(
+        !worker.logs().contains("chunking the whole document again"),
+        "{}",
+        logs(&[&worker])
+    );
+    assert_clean_chunks(&stack, id, &done, &text, 512).await;
+}
+
+/// The stored chunks of `id` are one clean set over `text`: indices
+/// 0..n-1, `chunk_count` n and one generation on every record, each
+/// chunk's text at its byte range and at most `max_tokens` by the model's
+/// tokenizer, none a fragment under the floor, none inside another, and
+/// together every visible byte of the text. Returns n.
+async fn assert_clean_chunks(
+    stack: &Stack,
+    id: Uuid,
+    done: &Sample,
+    text: &str,
+    max_tokens: usize,
+) -> usize {
+    let n = stack.assert_whole(id).await;
+    assert_eq!(n, done.total as usize);
+    assert_eq!(result_of(done)["chunks"], json!(n));
+    let sizer = docworker::pipeline::chunk::Sizer::load(&services::model_tokenizer()).unwrap();
     let got = services::get_where(
         &stack.chroma_url,
         &stack.collection,
@@ -1242,27 +1284,41 @@ async fn chunks_over_the_context_length_are_split_never_truncated() {
     .await;
     let texts = got["documents"].as_array().unwrap();
     let metas = got["metadatas"].as_array().unwrap();
-    assert_eq!(texts.len(), n);
-    let mut covered = vec![false; text.len()];
+    assert_eq!(texts.len(), n, "the refused passes' records are gone");
+    let mut chunks: Vec<(u64, usize, usize, &str)> = Vec::new();
     for (t, m) in texts.iter().zip(metas) {
-        let t = t.as_str().unwrap();
+        assert_eq!(m["chunk_count"], json!(n), "{m}");
+        assert_eq!(m["generation"], metas[0]["generation"], "{m}");
         let (start, end) = (
             m["start_byte"].as_u64().unwrap() as usize,
             m["end_byte"].as_u64().unwrap() as usize,
         );
-        assert!(!t.is_empty());
+        let t = t.as_str().unwrap();
         assert_eq!(&text[start..end], t, "chunk text vs its byte range: {m}");
-        covered[start..end].iter_mut().for_each(|c| *c = true);
+        chunks.push((m["chunk_index"].as_u64().unwrap(), start, end, t));
     }
-    let missing: Vec<usize> = (0..text.len())
+    chunks.sort();
+    let indices: Vec<u64> = chunks.iter().map(|c| c.0).collect();
+    assert_eq!(indices, (0..n as u64).collect::<Vec<_>>());
+    let mut covered = vec![false; text.len()];
+    for (i, (_, start, end, t)) in chunks.iter().enumerate() {
+        let tokens = sizer.count(t);
+        assert!(tokens <= max_tokens, "chunk {i} has {tokens} tokens");
+        assert!(
+            tokens >= docworker::pipeline::chunk::FLOOR || n == 1,
+            "chunk {i} is a {tokens}-token fragment: {t:?}"
+        );
+        for (j, (_, s2, e2, _)) in chunks.iter().enumerate() {
+            assert!(
+                i == j || !(s2 <= start && end <= e2),
+                "chunk {i} ({start}..{end}) lies inside chunk {j} ({s2}..{e2})"
+            );
+        }
+        covered[*start..*end].iter_mut().for_each(|c| *c = true);
+    }
+    let missing = (0..text.len())
         .filter(|&i| !covered[i] && !text.as_bytes()[i].is_ascii_whitespace())
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "bytes of the file in no chunk: {missing:?}"
-    );
-    assert!(
-        n > text.len().div_ceil(2000),
-        "{n} chunks: the 2000-character chunks were not split"
-    );
+        .count();
+    assert_eq!(missing, 0, "bytes of the file in no chunk");
+    n
 }

@@ -168,6 +168,8 @@ async fn a_batch_of_every_format_is_indexed_and_answers_questions() {
         );
         if doc.name.ends_with(".pdf") {
             assert_eq!(m["page"], json!(1), "{m}");
+            assert_eq!(m["page_start"], json!(1), "{m}");
+            assert!(m["page_end"].as_u64().is_some_and(|e| e >= 1), "{m}");
         }
         doc_of.insert(id.to_string(), doc.name);
     }

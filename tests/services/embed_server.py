@@ -25,6 +25,9 @@ Test controls:
                 {"mode": "delay", "seconds": S, "count"?: N}
                 {"mode": "drop", "count"?: N}      close the connection, no answer
                 {"mode": "instant", "enabled"?: true}
+                {"mode": "context", "tokens": N}    refuse inputs over N tokens (a model
+                                                    whose real context is smaller than
+                                                    /api/show says; cleared by "clear")
                 {"mode": "clear"}                   drop pending faults, instant
                                                     back to its --instant setting
      Faults queue up in the order posted and apply to the next embed requests
@@ -322,6 +325,7 @@ class State:
         self.model = model
         self.instant_default = instant
         self.instant = instant
+        self.context_override = None
         self.api_key = api_key
         self.lock = threading.Lock()  # stats and faults
         self.model_lock = threading.Lock()  # one forward pass at a time, as Ollama's default
@@ -380,6 +384,9 @@ class State:
             if mode == "clear":
                 self.faults.clear()
                 self.instant = self.instant_default
+                self.context_override = None
+            elif mode == "context":
+                self.context_override = int(spec["tokens"])
             elif mode == "instant":
                 self.instant = bool(spec.get("enabled", True))
             elif mode in ("status", "delay", "drop"):
@@ -401,6 +408,9 @@ class State:
     def embed(self, texts, truncate=True, num_ctx=None):
         """Returns (vectors float32 (n, 384), token count, load_duration ns)."""
         ctx = CONTEXT_LENGTH if not num_ctx else max(1, min(int(num_ctx), CONTEXT_LENGTH))
+        with self.lock:
+            if self.context_override:
+                ctx = min(ctx, self.context_override)
         batch = self.model.tokenize(texts)
         for i, ids in enumerate(batch):
             if len(ids) > ctx:

@@ -64,7 +64,7 @@ pub(crate) fn parse_and_chunk(
         ("pdf", "corpus.pdf", gen.pdf_pages(pdf_pages), pdf_pages),
     ];
     let chars = Chunker {
-        sizer: Sizer::Characters,
+        sizer: Sizer::Estimate,
         size: CHUNK_SIZE,
         overlap: CHUNK_OVERLAP,
     };
@@ -80,8 +80,7 @@ pub(crate) fn parse_and_chunk(
     println!();
     println!(
         "Parse + chunk, in process on one thread (each step repeated for at least 1 s of CPU, mean); chunk size {CHUNK_SIZE}, overlap {CHUNK_OVERLAP}, \
-         counting characters ({} per token). Rates are of input file MB (10^6 bytes) per second of this thread's CPU time.",
-        crate::pipeline::chunk::CHARS_PER_TOKEN
+         counting tokens with docworker's estimate (no tokenizer). Rates are of input file MB (10^6 bytes) per second of this thread's CPU time."
     );
     println!(
         "{:<6} {:>8} {:>8} {:>6} {:>7} {:>11} {:>11} {:>11} {:>8} {:>9}",

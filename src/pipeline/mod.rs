@@ -18,7 +18,6 @@ pub mod record;
 pub mod source;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 
 use anyhow::Result;
 use serde_json::{json, Map, Value};
@@ -140,7 +139,7 @@ impl Pipeline {
         let (filename, limits) = (job.filename.clone(), self.limits);
         // Everything the file alone can fail on fails here, before the
         // embedder or Chroma is asked.
-        let (named, file) = blocking("reading the file", self.files.parse_timeout, move || {
+        let (named, mut file) = blocking("reading the file", self.files.parse_timeout, move || {
             let upload = source::open(&files, &path)?;
             let file = source::read(upload.file, max_bytes)?;
             parse::precheck(&file.bytes, &filename, &limits)
@@ -171,7 +170,7 @@ impl Pipeline {
         }
 
         let file_size = file.bytes.len();
-        let bytes = file.bytes;
+        let bytes = std::mem::take(&mut file.bytes);
         let filename = job.filename.clone();
         let limits = self.limits;
         let parsed = blocking("parsing", self.files.parse_timeout, move || {
@@ -185,12 +184,20 @@ impl Pipeline {
         // indices, overlaps and counts recomputed; the records of the
         // refused pass are overwritten or, past the new count, removed
         // with the other stale ones below.
-        let parsed = Arc::new(parsed);
+        // The extracted text is not kept while the chunks are embedded (it
+        // would hold each document's text twice): a re-chunk reads and
+        // parses the file again.
+        let file_type = parsed.format.as_str();
+        let mut parsed = Some(parsed);
         let mut limit = model.context_length.unwrap_or(usize::MAX);
         let mut pass = 0;
         let (meta, stored) = loop {
+            let text = match parsed.take() {
+                Some(text) => text,
+                None => self.parse_again(job, &file.sha256).await?,
+            };
             ctx.set_stage(Stage::Chunking).await?;
-            let (chunker, text) = (self.chunker.clone(), parsed.clone());
+            let chunker = self.chunker.clone();
             let chunks = blocking("chunking", self.files.parse_timeout, move || {
                 Ok(chunker.chunk(&text, limit))
             })
@@ -207,7 +214,7 @@ impl Pipeline {
             let meta = ChunkMeta {
                 document_id: document_id.clone(),
                 file_name: job.filename.clone(),
-                file_type: parsed.format.as_str(),
+                file_type,
                 file_hash: file.sha256.clone(),
                 file_size,
                 generation,
@@ -231,7 +238,6 @@ impl Pipeline {
                 }
             }
         };
-        drop(parsed);
 
         ctx.set_stage(Stage::Storing).await?;
         let removed = self
@@ -246,6 +252,27 @@ impl Pipeline {
         .await?;
         ctx.after_commit(dispose(&self.files, &named));
         Ok(())
+    }
+
+    /// Reads and parses the job's file again, for a re-chunk; the file
+    /// must still be the one whose hash is `sha256`.
+    async fn parse_again(&self, job: &JobSpec, sha256: &str) -> Result<parse::Parsed, JobError> {
+        let (files, limits) = (self.files.clone(), self.limits);
+        let path = job.file_path.clone().unwrap_or_default();
+        let (filename, sha256) = (job.filename.clone(), sha256.to_owned());
+        let max_bytes = self.files.max_file_mb * 1_000_000;
+        blocking("parsing", self.files.parse_timeout, move || {
+            let upload = source::open(&files, &path)?;
+            let file = source::read(upload.file, max_bytes)?;
+            if file.sha256 != sha256 {
+                return Err(JobError::transient(
+                    "The file changed while it was being indexed; it will be indexed again.",
+                ));
+            }
+            parse::parse(&file.bytes, &filename, &limits)
+                .map_err(|e| JobError::permanent(e.message))
+        })
+        .await
     }
 
     pub async fn delete(&self, job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use docworker::config::Settings;
+use docworker::config::{LogFormat, Settings};
 use docworker::observe::telemetry;
 use docworker::ops::{admin, probe};
+use docworker::pipeline::parser_process;
 use docworker::queue::shutdown::Shutdown;
 use docworker::store::{self, schema, JobStatus, Written};
 use docworker::worker::OnceResult;
@@ -94,6 +95,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A parser child (see pipeline::parser_process) reads no configuration
+    // and starts no runtime.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args
+        .first()
+        .is_some_and(|a| a == parser_process::CHILD_COMMAND)
+    {
+        return parser_process::child_main(&args[1..]);
+    }
     let cli = Cli::parse();
     let mut settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
@@ -126,11 +136,16 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let json = settings.log.format == LogFormat::Json;
     match runtime.block_on(dispatch(cli, settings)) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("worker: {e:#}");
+            // Once: as a structured line for log shippers, else plainly.
+            if json {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("worker: {e:#}");
+            }
             ExitCode::from(1)
         }
     }

@@ -20,6 +20,48 @@ pub fn pdf_without_text(pages: usize) -> Vec<u8> {
 
 /// A PDF mixing pages of text (`Some`) and pages without text (`None`).
 pub fn pdf_with(pages: &[Option<&str>]) -> Vec<u8> {
+    let contents = pages
+        .iter()
+        .map(|page| match page {
+            Some(text) => {
+                let mut content = b"BT\n/F1 12 Tf\n14 TL\n72 720 Td\n".to_vec();
+                for line in text.lines() {
+                    content.push(b'(');
+                    content.extend(pdf_string(line));
+                    content.extend_from_slice(b") Tj T*\n");
+                }
+                content.extend_from_slice(b"ET");
+                content
+            }
+            None => b"0.9 g\n72 72 468 648 re\nf".to_vec(),
+        })
+        .collect();
+    pdf_from_contents(contents)
+}
+
+/// A one-page PDF: a title across the page, then two columns of 10 pt
+/// text drawn the way some generators draw them, line by line across both
+/// columns (left line 1, right line 1, left line 2, ...).
+pub fn pdf_two_columns(title: &str, left: &[&str], right: &[&str]) -> Vec<u8> {
+    let mut content = b"BT\n/F1 16 Tf\n1 0 0 1 72 740 Tm\n(".to_vec();
+    content.extend(pdf_string(title));
+    content.extend_from_slice(b") Tj\n/F1 10 Tf\n");
+    for row in 0..left.len().max(right.len()) {
+        let y = 700 - 12 * row;
+        for (x, column) in [(72, left), (316, right)] {
+            if let Some(line) = column.get(row) {
+                content.extend(format!("1 0 0 1 {x} {y} Tm\n(").into_bytes());
+                content.extend(pdf_string(line));
+                content.extend_from_slice(b") Tj\n");
+            }
+        }
+    }
+    content.extend_from_slice(b"ET");
+    pdf_from_contents(vec![content])
+}
+
+/// A PDF with one page per content stream.
+fn pdf_from_contents(pages: Vec<Vec<u8>>) -> Vec<u8> {
     let mut objects: Vec<Vec<u8>> = Vec::new();
     let kids: Vec<String> = (0..pages.len())
         .map(|i| format!("{} 0 R", 4 + 2 * i))
@@ -37,7 +79,7 @@ pub fn pdf_with(pages: &[Option<&str>]) -> Vec<u8> {
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
             .to_vec(),
     );
-    for (i, page) in pages.iter().enumerate() {
+    for (i, content) in pages.into_iter().enumerate() {
         objects.push(
             format!(
                 "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] \
@@ -46,19 +88,6 @@ pub fn pdf_with(pages: &[Option<&str>]) -> Vec<u8> {
             )
             .into_bytes(),
         );
-        let content = match page {
-            Some(text) => {
-                let mut content = b"BT\n/F1 12 Tf\n14 TL\n72 720 Td\n".to_vec();
-                for line in text.lines() {
-                    content.push(b'(');
-                    content.extend(pdf_string(line));
-                    content.extend_from_slice(b") Tj T*\n");
-                }
-                content.extend_from_slice(b"ET");
-                content
-            }
-            None => b"0.9 g\n72 72 468 648 re\nf".to_vec(),
-        };
         let mut stream = format!("<< /Length {} >>\nstream\n", content.len()).into_bytes();
         stream.extend(content);
         stream.extend_from_slice(b"\nendstream");
@@ -121,6 +150,13 @@ pub fn docx(paragraphs: &[&str]) -> Vec<u8> {
 /// A minimal .docx around the given `w:body` content (prefixes `w` and
 /// `mc`, markup compatibility, are declared).
 pub fn docx_with_body(body: &str) -> Vec<u8> {
+    docx_with_parts(body, &[])
+}
+
+/// [`docx_with_body`] plus other parts of the package, each given as its
+/// name and the content of its root element (`w:hdr`, `w:ftr`,
+/// `w:footnotes`, `w:endnotes`), with the same prefixes declared.
+pub fn docx_with_parts(body: &str, parts: &[(&str, &str)]) -> Vec<u8> {
     let document = format!(
         r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><w:document xmlns:w="{W}" xmlns:mc="{MC}"><w:body>{body}<w:sectPr/></w:body></w:document>"#
     );
@@ -133,6 +169,20 @@ pub fn docx_with_body(body: &str) -> Vec<u8> {
     ] {
         zip.start_file(name, options).expect("zip entry");
         zip.write_all(data.as_bytes()).expect("zip write");
+    }
+    for (name, root) in parts {
+        let element = match name.rsplit('/').next().unwrap_or_default() {
+            n if n.starts_with("header") => "hdr",
+            n if n.starts_with("footer") => "ftr",
+            n if n.starts_with("footnotes") => "footnotes",
+            n if n.starts_with("endnotes") => "endnotes",
+            _ => "document",
+        };
+        let xml = format!(
+            r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><w:{element} xmlns:w="{W}" xmlns:mc="{MC}">{root}</w:{element}>"#
+        );
+        zip.start_file(*name, options).expect("zip entry");
+        zip.write_all(xml.as_bytes()).expect("zip write");
     }
     zip.finish().expect("zip finish").into_inner()
 }

@@ -16,6 +16,26 @@ pub(crate) fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// The processes whose parent is `pid`.
+pub(crate) fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // The fields after the command name, which may hold spaces.
+            let parent = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 2..].split(' ').nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            parent == Some(pid)
+        })
+        .collect()
+}
+
 /// This thread's CPU time in nanoseconds (the first field of its
 /// schedstat), or 0 where /proc does not say.
 pub(crate) fn thread_cpu_ns() -> u64 {

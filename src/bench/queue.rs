@@ -224,6 +224,7 @@ pub(super) fn spawn_daemon_with(
         .arg("run")
         .envs(env.iter().copied())
         .env("DATABASE_URL", url)
+        .env("DOCWORKER__FILES__UPLOAD_ROOT", std::env::temp_dir())
         .env("DOCWORKER__WORKER__CONCURRENCY", concurrency.to_string())
         // The benchmark has no embedder or Chroma: say nothing of them.
         .env("DOCWORKER__LOG__LEVEL", "warn,docworker::pipeline=error")

@@ -6,6 +6,13 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
 
+/// Colour only for a person at a terminal: journald, files and pipes get
+/// plain text. `NO_COLOR` (set and not empty) turns it off everywhere.
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// Installs the global subscriber. `RUST_LOG` wins over the configured level.
 pub fn init(log: &LogSettings, level_override: Option<&str>) {
     let filter = std::env::var("RUST_LOG")
@@ -16,6 +23,7 @@ pub fn init(log: &LogSettings, level_override: Option<&str>) {
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour())
         .with_writer(std::io::stderr);
     let _ = match log.format {
         LogFormat::Text => builder.try_init(),

@@ -151,7 +151,10 @@ impl Chunker {
         let markdown = parsed.format == Format::Markdown;
         let chunks = self.split(&parsed.text, 0, limit, markdown);
         let chunks = drop_nested(chunks);
-        self.merge_fragments(&parsed.text, chunks, limit)
+        // Again after merging: a merge split into halves can leave a
+        // chunk inside its neighbour too (seen once in R's manuals, counted
+        // with the model's tokenizer).
+        drop_nested(self.merge_fragments(&parsed.text, chunks, limit))
             .into_iter()
             .map(|mut c| {
                 c.page = parsed.page_at(c.start);
@@ -581,5 +584,68 @@ mod tests {
         // The only chunk of a short document stays, however short.
         let only = chunker(200, 0).chunk(&parsed(Format::Text, "Hi."), 10_000);
         assert_eq!(only.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod nesting {
+    use super::*;
+    use crate::pipeline::parse::{Format, Parsed};
+    use rand::{Rng, SeedableRng};
+
+    /// Text of paragraphs and code-like lines of every length, like the
+    /// manual where a merged fragment's re-split left a chunk inside its
+    /// neighbour.
+    fn mixed_text(rng: &mut rand::rngs::StdRng) -> String {
+        let words = [
+            "seconds", "time", "Rprof", "spent", "in", "function", "and", "callees", "x", "<-",
+            "(b*c)", "0.02",
+        ];
+        let mut text = String::new();
+        for _ in 0..rng.gen_range(20..80) {
+            let lines = rng.gen_range(1..6);
+            for _ in 0..lines {
+                let n = rng.gen_range(1..40);
+                let line: Vec<&str> = (0..n)
+                    .map(|_| words[rng.gen_range(0..words.len())])
+                    .collect();
+                text.push_str(&line.join(" "));
+                text.push('\n');
+            }
+            text.push('\n');
+        }
+        text
+    }
+
+    #[test]
+    fn no_chunk_of_a_real_mix_lies_inside_another() {
+        for seed in 0..300 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let text = mixed_text(&mut rng);
+            let size = rng.gen_range(40..200);
+            let chunker = Chunker {
+                sizer: Sizer::Estimate,
+                size,
+                overlap: size / 10,
+            };
+            let parsed = Parsed {
+                format: Format::Text,
+                text: text.clone(),
+                pages: Vec::new(),
+                encoding: None,
+            };
+            let chunks = chunker.chunk(&parsed, usize::MAX);
+            for pair in chunks.windows(2) {
+                let (a, b) = (&pair[0], &pair[1]);
+                assert!(
+                    !(a.start <= b.start && b.end <= a.end || b.start <= a.start && a.end <= b.end),
+                    "seed {seed}, size {size}: {}..{} and {}..{} nest",
+                    a.start,
+                    a.end,
+                    b.start,
+                    b.end
+                );
+            }
+        }
     }
 }

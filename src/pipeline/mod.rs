@@ -14,6 +14,7 @@ pub mod chroma;
 pub mod chunk;
 pub mod embed;
 pub mod parse;
+pub mod parser_process;
 pub mod record;
 pub mod source;
 
@@ -31,6 +32,7 @@ use crate::store::Stage;
 use chroma::{ChromaStore, Collection, Record};
 use chunk::{Chunk, Chunker, Sizer};
 use embed::{EmbedError, Embedder};
+use parser_process::ParserProcess;
 use record::{user_metadata, ChunkMeta};
 use source::Disposal;
 use text_splitter::ChunkSizer;
@@ -39,6 +41,9 @@ use text_splitter::ChunkSizer;
 /// tracking, `/readyz` and the metrics use.
 pub const EMBEDDER: &str = "embedder";
 pub const CHROMA: &str = "chroma";
+/// `files.upload_root`: a volume not mounted (yet) is an outage too, not
+/// every upload's own failure.
+pub const UPLOADS: &str = "uploads";
 
 /// Bumped when parsing or chunking changes what a file turns into, so that
 /// files indexed by an older version are not skipped as unchanged.
@@ -51,6 +56,7 @@ const MAX_RECHUNKS: usize = 8;
 pub struct Pipeline {
     files: FileSettings,
     limits: parse::Limits,
+    parser: ParserProcess,
     chunker: Chunker,
     embed_batch_size: usize,
     embed_batch_bytes: usize,
@@ -71,12 +77,18 @@ impl Pipeline {
             settings.chunk.size,
             settings.chunk.overlap
         );
+        let limits = parse::Limits {
+            max_unpacked_bytes: settings.files.max_unpacked_mb * 1_000_000,
+            max_text_bytes: settings.files.max_text_mb * 1_000_000,
+        };
         Ok(Pipeline {
             files: settings.files.clone(),
-            limits: parse::Limits {
-                max_unpacked_bytes: settings.files.max_unpacked_mb * 1_000_000,
-                max_text_bytes: settings.files.max_text_mb * 1_000_000,
-            },
+            limits,
+            parser: ParserProcess::new(
+                limits,
+                settings.files.parse_timeout,
+                settings.files.parse_memory_mb * 1_000_000,
+            ),
             chunker: Chunker {
                 sizer,
                 size: settings.chunk.size,
@@ -94,6 +106,9 @@ impl Pipeline {
     /// setting shows in the log at once rather than in the first job's row.
     /// Only logs: the services may simply not be up yet.
     pub async fn check(&self) {
+        if let Err(e) = self.upload_root_present() {
+            tracing::error!(error = %e, "ingest jobs will wait for the upload root");
+        }
         match self.embedder.model().await {
             Ok(info) => {
                 tracing::info!(model = self.embedder.model_name(), dimension = info.dimension, context_length = ?info.context_length, "embedding model ready");
@@ -125,6 +140,23 @@ impl Pipeline {
         self.embedder.probe().await
     }
 
+    /// For readiness and after an outage: is the upload root there?
+    pub fn upload_root_present(&self) -> Result<(), String> {
+        let root = &self.files.upload_root;
+        if root.is_dir() {
+            return Ok(());
+        }
+        Err(format!(
+            "files.upload_root {} {}; create it, mount the uploads volume there, or set files.upload_root",
+            root.display(),
+            if root.exists() {
+                "is not a directory"
+            } else {
+                "does not exist"
+            }
+        ))
+    }
+
     /// For readiness: does Chroma answer its heartbeat?
     pub async fn chroma_reachable(&self) -> Result<(), String> {
         self.store.reachable().await
@@ -132,6 +164,8 @@ impl Pipeline {
 
     pub async fn ingest(&self, job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
         ctx.set_stage(Stage::Parsing).await?;
+        self.upload_root_present()
+            .map_err(|e| JobError::unavailable(UPLOADS, e))?;
         let file_path = job.file_path.as_deref().unwrap_or_default();
         let user_metadata = user_metadata(&job.options)?;
         let max_bytes = self.files.max_file_mb * 1_000_000;
@@ -171,12 +205,7 @@ impl Pipeline {
 
         let file_size = file.bytes.len();
         let bytes = std::mem::take(&mut file.bytes);
-        let filename = job.filename.clone();
-        let limits = self.limits;
-        let parsed = blocking("parsing", self.files.parse_timeout, move || {
-            parse::parse(&bytes, &filename, &limits).map_err(|e| JobError::permanent(e.message))
-        })
-        .await?;
+        let parsed = self.parser.parse(bytes, job.filename.clone()).await?;
 
         // Chunks are final before any is embedded. A chunk the model still
         // refuses as too long (a model or server that counts differently)
@@ -257,11 +286,11 @@ impl Pipeline {
     /// Reads and parses the job's file again, for a re-chunk; the file
     /// must still be the one whose hash is `sha256`.
     async fn parse_again(&self, job: &JobSpec, sha256: &str) -> Result<parse::Parsed, JobError> {
-        let (files, limits) = (self.files.clone(), self.limits);
+        let files = self.files.clone();
         let path = job.file_path.clone().unwrap_or_default();
-        let (filename, sha256) = (job.filename.clone(), sha256.to_owned());
+        let sha256 = sha256.to_owned();
         let max_bytes = self.files.max_file_mb * 1_000_000;
-        blocking("parsing", self.files.parse_timeout, move || {
+        let bytes = blocking("reading the file", self.files.parse_timeout, move || {
             let upload = source::open(&files, &path)?;
             let file = source::read(upload.file, max_bytes)?;
             if file.sha256 != sha256 {
@@ -269,10 +298,10 @@ impl Pipeline {
                     "The file changed while it was being indexed; it will be indexed again.",
                 ));
             }
-            parse::parse(&file.bytes, &filename, &limits)
-                .map_err(|e| JobError::permanent(e.message))
+            Ok(file.bytes)
         })
-        .await
+        .await?;
+        self.parser.parse(bytes, job.filename.clone()).await
     }
 
     pub async fn delete(&self, job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {
@@ -310,7 +339,7 @@ impl Pipeline {
             .get(collection, &json!({"document_id": document_id}))
             .await?
             .into_iter()
-            .filter(|(_, m)| m.get("generation").and_then(Value::as_str) != Some(generation))
+            .filter(|(_, m)| m.generation.as_ref().and_then(Value::as_str) != Some(generation))
             .map(|(id, _)| id)
             .collect();
         ctx.ensure_lease()?;
@@ -347,15 +376,16 @@ impl Pipeline {
         let Some((_, first)) = records.first() else {
             return Ok(None);
         };
-        let generation = first.get("generation");
+        let generation = first.generation.as_ref();
         let mut seen = vec![false; n];
         let mut last_count = None;
         for (_, m) in &records {
-            let same = m.get("generation") == generation
-                && m.get("file_hash").and_then(Value::as_str) == Some(sha256)
-                && m.get("pipeline").and_then(Value::as_str) == Some(fingerprint);
+            let same = m.generation.as_ref() == generation
+                && m.file_hash.as_ref().and_then(Value::as_str) == Some(sha256)
+                && m.pipeline.as_ref().and_then(Value::as_str) == Some(fingerprint);
             let index = m
-                .get("chunk_index")
+                .chunk_index
+                .as_ref()
                 .and_then(Value::as_u64)
                 .map(|i| i as usize);
             match index {
@@ -363,7 +393,7 @@ impl Pipeline {
                 _ => return Ok(None),
             }
             if index == Some(n - 1) {
-                last_count = m.get("chunk_count").and_then(Value::as_u64);
+                last_count = m.chunk_count.as_ref().and_then(Value::as_u64);
             }
         }
         Ok((last_count == Some(n as u64)).then_some(n))
@@ -517,11 +547,7 @@ async fn blocking<T: Send + 'static>(
             "{what} was interrupted: {join}"
         ))),
         Ok(Ok(Err(panic))) => {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown cause".into());
+            let why = panic_text(&*panic);
             tracing::warn!(stage = what, panic = %why, "parser panicked");
             Err(JobError::permanent(format!(
                 "This file could not be read: the parser failed while {what} ({why}). The file is probably damaged or in an unusual variant of its format."
@@ -529,6 +555,15 @@ async fn blocking<T: Send + 'static>(
         }
         Ok(Ok(Ok(result))) => result,
     }
+}
+
+/// What a panic said, for a job's error message.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown cause".into())
 }
 
 fn capitalise(s: &str) -> String {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::health::Health;
@@ -79,11 +79,11 @@ impl Notifier {
 
     /// Listens until the connection fails; returns how long it was healthy.
     async fn listen_once(&self, stop: &CancellationToken) -> Result<Duration> {
-        let cfg = crate::db::pg_config(&self.db, &self.application_name)?;
-        let (client, mut connection) = cfg
-            .connect(NoTls)
-            .await
-            .with_context(|| format!("connecting to {}", crate::db::redacted(&cfg)))?;
+        let target = crate::db::target(&self.db, &self.application_name)?;
+        let (client, mut connection) =
+            target.config.connect(target.tls).await.with_context(|| {
+                format!("connecting to {}", crate::db::redacted(&target.config))
+            })?;
 
         // The connection object yields notifications; drive it in a task and
         // forward them. The task ends when the socket does.

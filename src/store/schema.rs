@@ -44,6 +44,16 @@ const MIGRATION_LOCK: i64 = 3_627_967_537;
 
 /// Applies what is missing; returns the versions it applied.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
+    // Up to date: done, with nothing that needs a DDL right, so the runtime
+    // role can run it too (Compose's `migrate` service, a unit's
+    // ExecStartPre) and only an upgrade needs the owner.
+    if version(client).await? >= CURRENT_VERSION {
+        return Ok(Vec::new());
+    }
+    let role: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await?
+        .get(0);
     let tx = client.transaction().await?;
     tx.batch_execute("SET LOCAL client_min_messages = warning")
         .await?;
@@ -55,12 +65,15 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
              name       text NOT NULL,
              applied_at timestamptz NOT NULL DEFAULT now())",
     )
-    .await?;
+    .await
+    .map_err(|e| privilege_hint(e, &role))
+    .context("creating the table docworker_migrations")?;
     let current: i32 = tx.query_one(APPLIED_VERSION_SQL, &[]).await?.get(0);
     let mut applied = Vec::new();
     for (version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v > current) {
         tx.batch_execute(sql)
             .await
+            .map_err(|e| privilege_hint(e, &role))
             .with_context(|| format!("applying migration {version} ({name})"))?;
         tx.execute(
             "INSERT INTO docworker_migrations (version, name) VALUES ($1, $2)",
@@ -71,6 +84,24 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>> {
     }
     tx.commit().await?;
     Ok(applied)
+}
+
+/// A refused DDL statement, with the grant that is missing. PostgreSQL
+/// only says "permission denied for schema public".
+fn privilege_hint(e: tokio_postgres::Error, role: &str) -> anyhow::Error {
+    if e.code() != Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+        return e.into();
+    }
+    let detail = e
+        .as_db_error()
+        .map_or_else(|| e.to_string(), |db| db.message().to_string());
+    anyhow::anyhow!(
+        "{detail}. `worker migrate` creates and alters docworker's tables, so while a migration is \
+         pending it must run as the role that owns job_tasks and job_batches, with CREATE on the \
+         schema: run it with that role's credentials, or grant role {role} that right (GRANT CREATE \
+         ON SCHEMA public TO {role}) and the tables' ownership. With the schema up to date it needs \
+         no DDL right (see README, \"Database roles\")."
+    )
 }
 
 /// The version the database is at; 0 when docworker never migrated it.

@@ -5,8 +5,9 @@
 //! the queue's generic facilities meet documents: `ingest` and `delete` run
 //! one job per document at a time (the queue's exclusivity key is the
 //! document id), `noop` touches no document and is exempt; `ingest` needs
-//! the embedder and Chroma, `delete` only Chroma, so an outage of one pauses
-//! only the jobs that need it; readiness adds both to the queue's checks.
+//! the embedder, Chroma and the upload root, `delete` only Chroma, so an
+//! outage of one pauses only the jobs that need it; readiness adds them to
+//! the queue's checks.
 
 pub mod noop;
 
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 
-use crate::pipeline::{Pipeline, CHROMA, EMBEDDER};
+use crate::pipeline::{Pipeline, CHROMA, EMBEDDER, UPLOADS};
 use crate::queue::health::CHECK_TIMEOUT;
 use crate::queue::{Check, JobContext, JobError, JobSpec, TaskHandler};
 
@@ -38,7 +39,7 @@ impl TaskHandler for DocumentTasks {
 
     fn dependencies(&self, task_type: &str) -> &'static [&'static str] {
         match task_type {
-            INGEST => &[EMBEDDER, CHROMA],
+            INGEST => &[EMBEDDER, CHROMA, UPLOADS],
             DELETE => &[CHROMA],
             _ => &[],
         }
@@ -49,6 +50,7 @@ impl TaskHandler for DocumentTasks {
             match dependency {
                 EMBEDDER => self.pipeline.embedder_probe().await,
                 CHROMA => self.pipeline.chroma_reachable().await,
+                UPLOADS => self.pipeline.upload_root_present(),
                 other => Err(format!("no probe for {other:?}")),
             }
         }
@@ -85,7 +87,11 @@ impl TaskHandler for DocumentTasks {
                 timed(self.pipeline.embedder_reachable()),
                 timed(self.pipeline.chroma_reachable())
             );
-            vec![Check::new(EMBEDDER, embedder), Check::new(CHROMA, chroma)]
+            vec![
+                Check::new(EMBEDDER, embedder),
+                Check::new(CHROMA, chroma),
+                Check::new(UPLOADS, self.pipeline.upload_root_present()),
+            ]
         }
         .boxed()
     }

@@ -671,3 +671,53 @@ async fn sigterm_while_waiting_for_the_database_is_a_clean_exit() {
         w.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_off_a_terminal_are_plain_and_a_fatal_error_is_printed_once() {
+    let db = shared().database(true).await;
+    // stderr is a pipe here, as under journald: no colour codes.
+    let (code, out, err) = bare(
+        &["--once"],
+        &[
+            ("DATABASE_URL", db.url.as_str()),
+            ("DOCWORKER__FILES__UPLOAD_ROOT", "/tmp"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 4, "{}", show(&out, &err));
+    assert!(err.contains("INFO"), "--once logs: {}", show(&out, &err));
+    assert!(!err.contains('\x1b'), "ANSI codes in a pipe: {err:?}");
+
+    let missing = db.url.rsplit_once('/').unwrap().0.to_owned() + "/no_such_database";
+    let (code, out, err) = bare(&["jobs"], &[("DATABASE_URL", missing.as_str())], None).await;
+    assert_eq!(code, 1, "{}", show(&out, &err));
+    assert_eq!(
+        err.matches("does not exist").count(),
+        1,
+        "the error once: {}",
+        show(&out, &err)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_written_with_single_underscores_is_refused_with_its_name() {
+    let db = shared().database(true).await;
+    let (code, out, err) = bare(
+        &["--once"],
+        &[
+            ("DATABASE_URL", db.url.as_str()),
+            ("DOCWORKER__FILES__UPLOAD_ROOT", "/tmp"),
+            ("DOCWORKER_WORKER_CONCURRENCY", "0"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 1, "{}", show(&out, &err));
+    assert!(
+        err.contains("DOCWORKER_WORKER_CONCURRENCY is not read")
+            && err.contains("did you mean DOCWORKER__WORKER__CONCURRENCY?"),
+        "{}",
+        show(&out, &err)
+    );
+}

@@ -802,3 +802,60 @@ async fn with_autovacuum_off_the_worker_vacuums_the_queue_tables_itself() {
         worker.logs()
     );
 }
+
+/// An upload root that is not there (a volume not mounted yet) used to fail
+/// every ingest attempt until the job gave up. It is an outage like
+/// Chroma's: ingest waits, other jobs run, and the jobs complete once it
+/// appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_upload_root_pauses_ingest_until_it_appears() {
+    let mut stack = Stack::new().await;
+    let root = stack.uploads.path().join("not-mounted-yet");
+    let root_text = root.display().to_string();
+    stack
+        .set("DOCWORKER__FILES__UPLOAD_ROOT", &root_text)
+        .set("DOCWORKER__HTTP__ENABLED", "true")
+        .set("DOCWORKER__HTTP__ADDRESS", "127.0.0.1:0");
+    let worker = stack.worker();
+    let file = root.join("tides.txt");
+    let job = stack
+        .ingest("tides.txt", &file.display().to_string(), None, json!({}))
+        .await;
+
+    let start = Instant::now();
+    loop {
+        let row = stack.row(job).await;
+        let message = row.error_message.clone().unwrap_or_default();
+        if message.starts_with("Paused: uploads has been unavailable since") {
+            assert_eq!(row.status, "pending", "{row:?}");
+            assert_eq!(row.attempt, 0, "the attempt is not spent: {row:?}");
+            assert!(message.contains("does not exist"), "{message}");
+            break;
+        }
+        assert!(
+            start.elapsed() < JOB_DEADLINE,
+            "not paused: {row:?}\n{}",
+            worker.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Other work goes on meanwhile.
+    let noop = stack.db.noop_job(json!({})).await;
+    stack.db.wait_status(noop, "completed", JOB_DEADLINE).await;
+
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(
+        &file,
+        "Tides are caused by the gravitational pull of the moon and the sun.",
+    )
+    .unwrap();
+    let row = stack.wait_finished(job, JOB_DEADLINE).await;
+    assert_eq!(row.status, "completed", "{row:?}\n{}", worker.logs());
+    assert!(row.attempt <= 1, "{row:?}");
+    assert_eq!(
+        worker.logs().matches("dependency unavailable").count(),
+        1,
+        "{}",
+        worker.logs()
+    );
+}

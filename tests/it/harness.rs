@@ -130,6 +130,16 @@ impl Cluster {
     /// Starts a private server. `reap_with_process` makes it stop when this
     /// test process exits (for the shared one, which is never dropped).
     pub fn start_throwaway(reap_with_process: bool) -> Cluster {
+        Self::start_throwaway_with(reap_with_process, None)
+    }
+
+    /// A private server with `ssl = on`, serving this certificate and key
+    /// (PEM files); it still accepts connections without TLS.
+    pub fn start_with_tls(cert: &Path, key: &Path) -> Cluster {
+        Self::start_throwaway_with(false, Some((cert, key)))
+    }
+
+    fn start_throwaway_with(reap_with_process: bool, tls: Option<(&Path, &Path)>) -> Cluster {
         let bindir = postgres_bindir();
         let root = std::env::temp_dir().join(format!("docworker-test-pg-{}", Uuid::new_v4()));
         let data = root.join("data");
@@ -164,6 +174,29 @@ impl Cluster {
             "initdb failed: {}",
             String::from_utf8_lossy(&initdb.stderr)
         );
+        if let Some((cert, key)) = tls {
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                let target = data.join(to);
+                std::fs::copy(from, &target).unwrap();
+                let mode = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+                std::fs::set_permissions(&target, mode).unwrap();
+                if is_root() {
+                    let ok = Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(&target)
+                        .status()
+                        .unwrap()
+                        .success();
+                    assert!(ok, "chown of {to} failed");
+                }
+            }
+            let conf = data.join("postgresql.conf");
+            let mut text = std::fs::read_to_string(&conf).unwrap();
+            text.push_str(
+                "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            );
+            std::fs::write(&conf, text).unwrap();
+        }
         let port = free_port();
         let server = OwnedServer {
             bindir,
@@ -478,6 +511,9 @@ pub const FAST: &[(&str, &str)] = &[
     ("DOCWORKER__MAINTENANCE__INTERVAL", "500ms"),
     ("DOCWORKER__RETRY__BASE_DELAY", "200ms"),
     ("DOCWORKER__RETRY__MAX_DELAY", "2s"),
+    // Ingest jobs wait while the upload root is missing; tests without
+    // files of their own still want a present one.
+    ("DOCWORKER__FILES__UPLOAD_ROOT", "/tmp"),
 ];
 
 /// A `worker` process; killed on drop. Its log goes to a file.
@@ -683,6 +719,8 @@ pub fn pool(url: &str) -> deadpool_postgres::Pool {
     let settings = docworker::config::DatabaseSettings {
         url: url.to_owned(),
         password_file: Default::default(),
+        sslmode: "prefer".into(),
+        sslrootcert: Default::default(),
         pool_size: 4,
         connect_timeout: Duration::from_secs(5),
     };

@@ -757,3 +757,89 @@ async fn legacy_encodings_are_stored_as_utf8() {
         );
     }
 }
+
+/// The worker's own CPU time (all its threads, not its children's), from
+/// /proc: user + system, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces; the fields after it do not.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// The parser processes the worker `pid` has running.
+fn parser_children(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let parent: u32 = after.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
+        let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+        if parent == pid && String::from_utf8_lossy(&cmdline).contains("__parse-child") {
+            children.push(child);
+        }
+    }
+    children
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runaway_parser_is_killed_at_its_timeout_and_other_jobs_never_notice() {
+    let mut stack = Stack::new().await;
+    stack
+        .set("DOCWORKER__FILES__PARSE_TIMEOUT", "4s")
+        .set("DOCWORKER__WORKER__CONCURRENCY", "2");
+    // html5ever is quadratic in nesting depth: 2 MB of unclosed <div>s
+    // would keep a core busy for hours.
+    let hostile = stack.write("deep.html", "<div>".repeat(400_000) + "text");
+    let good = stack.write("good.txt", GOOD_TEXT);
+    let worker = stack.worker();
+    let pid = worker.pid();
+
+    let hostile_id = stack
+        .ingest("deep.html", &hostile.display().to_string(), None, json!({}))
+        .await;
+    let started = std::time::Instant::now();
+    let mut children = Vec::new();
+    while children.is_empty() && started.elapsed() < Duration::from_secs(10) {
+        children = parser_children(pid);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(children.len(), 1, "the HTML is parsed in a child process");
+
+    // While the parser spins, another job runs as usual.
+    let good_id = stack
+        .ingest("good.txt", &good.display().to_string(), None, json!({}))
+        .await;
+    let good_row = stack.wait_finished(good_id, JOB_DEADLINE).await;
+    assert_eq!(good_row.status, "completed", "{good_row:?}");
+
+    let row = stack.wait_finished(hostile_id, JOB_DEADLINE).await;
+    assert_eq!(row.status, "error", "{row:?}");
+    let message = row.error_message.unwrap_or_default();
+    assert!(
+        message.contains("Parsing took longer than files.parse_timeout (4s)"),
+        "{message}"
+    );
+    assert_eq!(row.attempt, 1, "a timeout is permanent: no retry");
+
+    // The child is gone and the worker is idle again.
+    assert_eq!(parser_children(pid), Vec::<u32>::new());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        used < 0.5,
+        "the worker used {used:.2} s of CPU in 3 s after the job failed"
+    );
+    let logs = worker.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+}

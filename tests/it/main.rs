@@ -20,3 +20,4 @@ mod providers;
 mod schema;
 mod semantics;
 mod smoke;
+mod tls;

@@ -1003,3 +1003,88 @@ async fn a_view_on_filename_keeps_it_narrow_and_the_migration_says_why() {
         "stdout: {out}\nstderr: {err}"
     );
 }
+
+/// The README's runtime role: rows of job_tasks and job_batches, SELECT on
+/// docworker_migrations, nothing else. Returns its URL for `db`.
+async fn runtime_role(db: &TestDb) -> String {
+    let role = format!("dw_rt_{}", &Uuid::new_v4().simple().to_string()[..12]);
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE;
+             GRANT USAGE ON SCHEMA public TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON job_tasks, job_batches TO {role};
+             GRANT SELECT ON docworker_migrations TO {role};"
+        ))
+        .await
+        .unwrap();
+    let (_, rest) = db.url.split_once('@').unwrap();
+    format!("postgres://{role}@{rest}")
+}
+
+/// A role without DDL rights runs the worker as shipped: `migrate` (with
+/// nothing to apply, as Compose and the unit run it before every start), a
+/// full ingest and a delete. While a migration is pending it says which
+/// grant is missing instead of PostgreSQL's bare "permission denied".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_with_row_rights_only_migrates_ingests_and_deletes() {
+    let mut stack = crate::stack::Stack::new().await;
+    let url = runtime_role(&stack.db).await;
+
+    let (code, out, err) = run_worker(&url, &["migrate"], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("schema is up to date"), "{out}\n{err}");
+
+    stack.set("DATABASE_URL", &url);
+    let worker = stack.worker();
+    let file = stack.write(
+        "tides.txt",
+        "Tides are caused by the gravitational pull of the moon and the sun. ".repeat(40),
+    );
+    let document = Uuid::new_v4();
+    let ingest = stack
+        .ingest(
+            "tides.txt",
+            &file.display().to_string(),
+            Some(document),
+            json!({}),
+        )
+        .await;
+    let row = stack
+        .wait_finished(ingest, crate::stack::JOB_DEADLINE)
+        .await;
+    assert_eq!(row.status, "completed", "{row:?}\n{}", worker.logs());
+    assert!(stack.assert_whole(document).await > 0);
+    let delete = stack.delete(document).await;
+    let row = stack
+        .wait_finished(delete, crate::stack::JOB_DEADLINE)
+        .await;
+    assert_eq!(row.status, "completed", "{row:?}\n{}", worker.logs());
+    assert!(stack.chunks_of(document).await.is_empty());
+    assert!(
+        !worker.logs().contains("permission denied"),
+        "{}",
+        worker.logs()
+    );
+
+    // A database that still needs migrating: the runtime role cannot, and
+    // is told what to grant.
+    let fresh = shared().database(false).await;
+    let (_, rest) = url.split_once('@').unwrap();
+    let role = url
+        .trim_start_matches("postgres://")
+        .split('@')
+        .next()
+        .unwrap();
+    let fresh_url = format!(
+        "postgres://{role}@{}/{}",
+        rest.split('/').next().unwrap(),
+        fresh.url.rsplit('/').next().unwrap()
+    );
+    let (code, out, err) = run_worker(&fresh_url, &["migrate"], &[]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("permission denied for schema public")
+            && err.contains(&format!("GRANT CREATE ON SCHEMA public TO {role}")),
+        "{err}"
+    );
+}

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::Args;
 use crate::bench::corpus::{text_docs, Prose};
 use crate::bench::procfs::{
-    busiest_processes, cpu_by_process, machine_cpu, memory_kib, process_cpu_seconds,
+    busiest_processes, children_of, cpu_by_process, machine_cpu, memory_kib, process_cpu_seconds,
 };
 use crate::config::{DatabaseSettings, Provider, Settings};
 use crate::db;
@@ -149,6 +149,9 @@ pub(crate) struct E2eRun {
     pub(crate) wall: f64,
     pub(crate) worker_cpu: f64,
     pub(crate) peak_rss_kib: u64,
+    /// The worker's RSS plus its parser processes', at the sample where the
+    /// sum was highest (KiB), and the largest parser process's VmHWM.
+    pub(crate) parsers_peak_kib: (u64, u64),
     /// (requests, inputs, busy seconds, most requests in flight at once).
     pub(crate) embed: Option<(u64, u64, f64, u64)>,
 }
@@ -373,7 +376,10 @@ async fn drain(
     let cpu = process_cpu_seconds(pid) - cpu_before;
     let rss = outcome
         .as_ref()
-        .map_or(String::new(), |samples| rss_timeline(samples));
+        .map_or(String::new(), |drain| rss_timeline(&drain.samples));
+    let parsers_peak_kib = outcome
+        .as_ref()
+        .map_or((0, 0), |drain| (drain.with_parsers, drain.parser_hwm));
     let busiest = busiest_processes(&processes_before, &cpu_by_process(), pid);
     let machine = machine_cpu();
     let machine_busy = (machine.0 - machine_before.0) / (machine.1 - machine_before.1).max(1e-9);
@@ -417,6 +423,7 @@ async fn drain(
         wall,
         worker_cpu: cpu,
         peak_rss_kib: hwm,
+        parsers_peak_kib,
         embed,
     };
     print!(
@@ -437,6 +444,13 @@ async fn drain(
         ),
         None => println!("; the embedding server has no /_stats"),
     }
+    if parsers_peak_kib.1 > 0 {
+        println!(
+            "    with its parser processes (sampled every 50 ms): peak {:.1} MB together; the largest parser process's VmHWM {:.1} MB",
+            parsers_peak_kib.0 as f64 / 1024.0,
+            parsers_peak_kib.1 as f64 / 1024.0
+        );
+    }
     println!(
         "    RSS over the drain (s: MB): {rss}\n    machine CPU busy {:.0}% of {} cores; CPU seconds over the drain by process: {}",
         machine_busy * 100.0,
@@ -451,22 +465,43 @@ async fn drain(
     Ok(result)
 }
 
+/// What [`wait_for_drain`] saw of memory.
+struct DrainMemory {
+    /// The worker's RSS (KiB) as sampled, with the seconds since the start.
+    samples: Vec<(f64, u64)>,
+    /// The highest sum of the worker's and its parser processes' RSS.
+    with_parsers: u64,
+    /// The largest VmHWM of a parser process seen.
+    parser_hwm: u64,
+}
+
 /// Waits until no job is pending or running; fails early if the worker
-/// exits. Returns the worker's RSS (KiB) as sampled meanwhile, with the
-/// seconds since the start.
+/// exits. Samples the worker's memory and its parser processes' meanwhile.
 async fn wait_for_drain(
     client: &tokio_postgres::Client,
     child: &mut tokio::process::Child,
     timeout: Duration,
-) -> Result<Vec<(f64, u64)>> {
+) -> Result<DrainMemory> {
     let start = Instant::now();
     let pid = child.id().unwrap_or(0);
-    let mut samples = Vec::new();
+    let mut memory = DrainMemory {
+        samples: Vec::new(),
+        with_parsers: 0,
+        parser_hwm: 0,
+    };
     loop {
-        samples.push((start.elapsed().as_secs_f64(), memory_kib(pid).0));
+        let rss = memory_kib(pid).0;
+        let mut together = rss;
+        for parser in children_of(pid) {
+            let (parser_rss, parser_hwm) = memory_kib(parser);
+            together += parser_rss;
+            memory.parser_hwm = memory.parser_hwm.max(parser_hwm);
+        }
+        memory.with_parsers = memory.with_parsers.max(together);
+        memory.samples.push((start.elapsed().as_secs_f64(), rss));
         let open = sql::open_jobs(client).await?;
         if open == 0 {
-            return Ok(samples);
+            return Ok(memory);
         }
         if let Some(status) = child.try_wait()? {
             bail!("the worker exited ({status}) with {open} jobs still open");

@@ -2,7 +2,7 @@
 //! one thread, per format, timed on the thread's own CPU clock.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -11,6 +11,7 @@ use crate::bench::corpus::Prose;
 use crate::bench::procfs::thread_cpu_ns;
 use crate::pipeline::chunk::{Chunker, Sizer};
 use crate::pipeline::parse::{self, Limits};
+use crate::pipeline::parser_process::{ParserProcess, INLINE_BELOW};
 
 pub(crate) struct ParseRow {
     pub(crate) format: &'static str,
@@ -218,4 +219,68 @@ fn measure<T>(runs: usize, mut f: impl FnMut() -> T) -> (T, f64, f64) {
             );
         }
     }
+}
+
+/// What parsing in a child process (the worker's way for files of
+/// [`INLINE_BELOW`] and more) costs per document against parsing in this
+/// process: wall time, the median of several runs each.
+pub(crate) async fn isolation_cost() -> Result<()> {
+    let limits = Limits::default();
+    let parser = ParserProcess::new(limits, Duration::from_secs(120), 2_048_000_000);
+    let mut gen = Prose::new(2);
+    let docs: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("txt, 1 line", "a.txt", b"Hello, world.".to_vec()),
+        ("txt 64 KB", "a.txt", gen.text(64_000).into_bytes()),
+        ("html 64 KB", "a.html", gen.html(64_000).into_bytes()),
+        ("docx 64 KB", "a.docx", gen.docx(64_000)),
+        ("pdf 5 pages", "a.pdf", gen.pdf_pages(5)),
+        ("txt 1 MB", "a.txt", gen.text(1_000_000).into_bytes()),
+        ("html 1 MB", "a.html", gen.html(1_000_000).into_bytes()),
+        ("docx 1 MB", "a.docx", gen.docx(1_000_000)),
+        ("pdf 100 pages", "a.pdf", gen.pdf_pages(100)),
+    ];
+    println!();
+    println!(
+        "Parser isolation: wall time per document parsed in this process and in a child process \
+         (`worker {}`), median of 15 runs; the worker parses files under {} KB in process.",
+        crate::pipeline::parser_process::CHILD_COMMAND,
+        INLINE_BELOW / 1024
+    );
+    println!(
+        "{:<14} {:>9} {:>13} {:>10} {:>9}",
+        "document", "file KB", "in process ms", "child ms", "cost ms"
+    );
+    for (label, filename, bytes) in docs {
+        let mut inline = Vec::new();
+        let mut child = Vec::new();
+        for _ in 0..15 {
+            let started = Instant::now();
+            parse::parse(&bytes, filename, &limits)
+                .with_context(|| format!("parsing the generated {label}"))?;
+            inline.push(started.elapsed().as_secs_f64() * 1e3);
+            let started = Instant::now();
+            parser
+                .parse_in_child(bytes.clone(), filename)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("parsing the generated {label} in a child: {}", e.message)
+                })?;
+            child.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        let (inline, child) = (median(&mut inline), median(&mut child));
+        println!(
+            "{:<14} {:>9.1} {:>13.2} {:>10.2} {:>9.2}",
+            label,
+            bytes.len() as f64 / 1e3,
+            inline,
+            child,
+            child - inline
+        );
+    }
+    Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }

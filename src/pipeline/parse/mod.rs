@@ -20,6 +20,7 @@ use crate::samples as fixtures;
 mod html;
 mod json;
 mod pdf;
+mod reading_order;
 mod text;
 
 use std::fmt;
@@ -50,6 +51,23 @@ impl Format {
             Format::Csv => "csv",
             Format::Json => "json",
         }
+    }
+}
+
+impl Format {
+    /// The format whose [`Format::as_str`] is `name`.
+    pub fn from_name(name: &str) -> Option<Format> {
+        [
+            Format::Text,
+            Format::Markdown,
+            Format::Html,
+            Format::Pdf,
+            Format::Docx,
+            Format::Csv,
+            Format::Json,
+        ]
+        .into_iter()
+        .find(|f| f.as_str() == name)
     }
 }
 
@@ -310,6 +328,7 @@ mod tests {
         ];
         for (format, name) in all {
             assert_eq!(format.as_str(), name);
+            assert_eq!(Format::from_name(name), Some(format));
             assert_eq!(format.to_string(), name);
         }
     }

@@ -1,8 +1,11 @@
 //! PDF: the text layer, page by page.
 //!
-//! Extraction is `pdf-extract`'s, in one pass over the document whose
-//! output is split at page ends, so that every page's start offset can be
-//! recorded in [`Page`]s: chunks then cite their page. Pages are joined with a blank line; pages without text are skipped
+//! `pdf-extract` walks the document once and reports every glyph with its
+//! position; each page's glyphs are put in reading order
+//! ([`super::reading_order`]: columns one after the other, broken words
+//! joined) and the page's text appended, so that every page's start offset
+//! can be recorded in [`Page`]s: chunks then cite their page. Pages are
+//! joined with a blank line; pages without text are skipped
 //! (they keep no [`Page`] entry). A PDF with no text at all is almost always
 //! a scan, and the error says so: it needs OCR, not a retry.
 //!
@@ -13,14 +16,11 @@
 //! panic except the immutable, already-loaded document.
 
 use std::any::Any;
-use std::cell::RefCell;
 use std::panic::{self, AssertUnwindSafe};
-use std::rc::Rc;
 
-use pdf_extract::{
-    ConvertToFmt, Document, MediaBox, OutputDev, OutputError, PlainTextOutput, Transform,
-};
+use pdf_extract::{Document, MediaBox, OutputDev, OutputError, Transform};
 
+use super::reading_order::PageLayout;
 use super::{Limits, Page, ParseError, TextOut};
 
 pub(super) fn parse(bytes: &[u8], limits: &Limits) -> Result<(String, Vec<Page>), ParseError> {
@@ -70,11 +70,9 @@ pub(super) fn parse(bytes: &[u8], limits: &Limits) -> Result<(String, Vec<Page>)
 /// Takes the text of every page from one pass over the document
 /// (`output_doc`). Asking `pdf-extract` for one page at a time
 /// (`output_doc_page`) walks the whole page tree for every page, which is
-/// quadratic: a 2,580-page PDF spent half its 3.2 s there. Each page is
-/// still read by a fresh `PlainTextOutput`, as it would be alone.
+/// quadratic: a 2,580-page PDF spent half its 3.2 s there.
 struct PageCollector {
-    page: Option<PlainTextOutput<PageBuffer>>,
-    buffer: PageBuffer,
+    page: Option<PageLayout>,
     /// The page last begun (1-based); 0 before the first.
     number: u32,
     out: TextOut,
@@ -87,7 +85,6 @@ impl PageCollector {
     fn new(limits: &Limits) -> Self {
         PageCollector {
             page: None,
-            buffer: PageBuffer::default(),
             number: 0,
             out: TextOut::new(limits),
             pages: Vec::new(),
@@ -122,7 +119,7 @@ impl PageCollector {
         }
     }
 
-    fn page(&mut self) -> Result<&mut PlainTextOutput<PageBuffer>, OutputError> {
+    fn page(&mut self) -> Result<&mut PageLayout, OutputError> {
         self.page
             .as_mut()
             .ok_or(OutputError::FormatError(std::fmt::Error))
@@ -134,18 +131,19 @@ impl OutputDev for PageCollector {
         &mut self,
         page_num: u32,
         media_box: &MediaBox,
-        art_box: Option<(f64, f64, f64, f64)>,
+        _art_box: Option<(f64, f64, f64, f64)>,
     ) -> Result<(), OutputError> {
         self.number = page_num;
-        self.buffer.0.borrow_mut().clear();
-        let page = self.page.insert(PlainTextOutput::new(self.buffer.clone()));
-        page.begin_page(page_num, media_box, art_box)
+        self.page = Some(PageLayout::new(media_box));
+        Ok(())
     }
 
     fn end_page(&mut self) -> Result<(), OutputError> {
-        self.page()?.end_page()?;
-        self.page = None;
-        let text = std::mem::take(&mut *self.buffer.0.borrow_mut());
+        let page = self
+            .page
+            .take()
+            .ok_or(OutputError::FormatError(std::fmt::Error))?;
+        let text = page.finish();
         self.add(&text).map_err(|e| {
             self.refused = Some(e);
             OutputError::FormatError(std::fmt::Error)
@@ -156,44 +154,25 @@ impl OutputDev for PageCollector {
         &mut self,
         trm: &Transform,
         width: f64,
-        spacing: f64,
+        _spacing: f64,
         font_size: f64,
         char: &str,
     ) -> Result<(), OutputError> {
-        self.page()?
-            .output_character(trm, width, spacing, font_size, char)
+        self.page()?.character(trm, width, font_size, char);
+        Ok(())
     }
 
     fn begin_word(&mut self) -> Result<(), OutputError> {
-        self.page()?.begin_word()
+        self.page()?.begin_word();
+        Ok(())
     }
 
     fn end_word(&mut self) -> Result<(), OutputError> {
-        self.page()?.end_word()
+        Ok(())
     }
 
     fn end_line(&mut self) -> Result<(), OutputError> {
-        self.page()?.end_line()
-    }
-}
-
-/// The text of the page being read, shared between the collector and the
-/// `PlainTextOutput` writing it.
-#[derive(Clone, Default)]
-struct PageBuffer(Rc<RefCell<String>>);
-
-impl std::fmt::Write for PageBuffer {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.borrow_mut().push_str(s);
         Ok(())
-    }
-}
-
-impl ConvertToFmt for PageBuffer {
-    type Writer = PageBuffer;
-
-    fn convert(self) -> PageBuffer {
-        self
     }
 }
 
@@ -267,7 +246,7 @@ fn password_protected() -> ParseError {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{pdf, pdf_with, pdf_without_text};
+    use super::super::fixtures::{pdf, pdf_two_columns, pdf_with, pdf_without_text};
     use super::super::{parse as parse_file, Format, Limits, ParseError, Parsed};
     use super::*;
 
@@ -306,6 +285,35 @@ mod tests {
                     ready: 100% [sic] \\ \"quoted\" {braces} <angles> ~tilde~ #1 @home.";
         let parsed = parse_pdf(&pdf(&[line])).unwrap();
         assert_eq!(parsed.text, line);
+    }
+
+    #[test]
+    fn two_columns_drawn_line_by_line_come_out_column_by_column() {
+        let left = [
+            "Vaccines train the immune system by",
+            "exposing it to a harmless piece of a",
+            "pathogen, so that antibodies are ready.",
+        ];
+        let right = [
+            "Side effects are usually mild and go",
+            "away within a few days; serious ones",
+            "are rare and are monitored continuously.",
+        ];
+        let parsed = parse_pdf(&pdf_two_columns("Vaccine basics", &left, &right)).unwrap();
+        assert_eq!(
+            parsed.text,
+            format!(
+                "Vaccine basics\n\n{}\n\n{}",
+                left.join("\n"),
+                right.join("\n")
+            )
+        );
+    }
+
+    #[test]
+    fn words_broken_at_line_ends_are_joined() {
+        let parsed = parse_pdf(&pdf(&["The immune sys-\ntem learns. COVID-\n19 too."])).unwrap();
+        assert_eq!(parsed.text, "The immune system learns. COVID-\n19 too.");
     }
 
     #[test]

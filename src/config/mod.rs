@@ -11,8 +11,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+pub mod tls;
+
 /// The documented defaults; also the reference for every key.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +38,11 @@ pub struct DatabaseSettings {
     /// When set, the password is read from this file (a Docker secret, a
     /// systemd credential) instead of the URL.
     pub password_file: PathBuf,
+    /// libpq's sslmode; the URL's `sslmode` wins.
+    pub sslmode: String,
+    /// PEM file of the CAs trusted with verify-ca and verify-full; the
+    /// URL's `sslrootcert` wins.
+    pub sslrootcert: PathBuf,
     pub pool_size: usize,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -96,6 +103,8 @@ pub struct FileSettings {
     pub max_text_mb: u64,
     #[serde(with = "humantime_serde")]
     pub parse_timeout: Duration,
+    /// The address space a parser process may use.
+    pub parse_memory_mb: u64,
     pub after_success: AfterSuccess,
     pub move_to: PathBuf,
 }
@@ -188,6 +197,7 @@ impl Settings {
                 .with_context(|| format!("invalid config file {}", path.display()))?;
             builder = builder.add_source(source);
         }
+        refuse_single_underscores(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()))?;
         builder = builder.add_source(
             config::Environment::with_prefix("DOCWORKER")
                 .prefix_separator("__")
@@ -238,12 +248,15 @@ impl Settings {
                 self.database.password_file
             ),
         )?;
-        self.database
-            .url
+        let split = tls::split(&self.database.url);
+        split
+            .rest
             .parse::<tokio_postgres::Config>()
             .with_context(|| {
                 "invalid value for database.url: not a PostgreSQL connection string"
             })?;
+        tls::SslMode::parse(split.sslmode.as_deref().unwrap_or(&self.database.sslmode))
+            .context("invalid value for database.sslmode (or the URL's sslmode)")?;
         check(
             w.poll_interval >= Duration::from_millis(10),
             "worker.poll_interval",
@@ -311,6 +324,16 @@ impl Settings {
                 format!("must be between 1 and 1048576 (got {mb})"),
             )?;
         }
+        // Below this the parser process cannot even map itself and its
+        // libraries.
+        check(
+            (256..=1 << 20).contains(&f.parse_memory_mb),
+            "files.parse_memory_mb",
+            format!(
+                "must be between 256 and 1048576 (got {})",
+                f.parse_memory_mb
+            ),
+        )?;
         check(
             !f.parse_timeout.is_zero(),
             "files.parse_timeout",
@@ -443,6 +466,89 @@ fn leaf_values(
 }
 
 /// The compiled-in defaults as a configuration source.
+/// Every setting's key (`worker.concurrency`), from the defaults.
+fn known_keys() -> Vec<String> {
+    use config::Source;
+    fn walk(prefix: &str, table: config::Map<String, config::Value>, out: &mut Vec<String>) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value.clone().into_table() {
+                Ok(inner) if !inner.is_empty() => walk(&path, inner, out),
+                _ => out.push(path),
+            }
+        }
+    }
+    let mut keys = Vec::new();
+    if let Ok(table) = config::Config::builder()
+        .add_source(defaults())
+        .build()
+        .and_then(|c| c.collect())
+    {
+        walk("", table, &mut keys);
+    }
+    keys.sort();
+    keys
+}
+
+/// `DOCWORKER_WORKER_CONCURRENCY=0` (single underscores) would be ignored
+/// without a word, the worker running on the default: refuse a variable
+/// that reads as a setting written that way, naming the one it meant.
+/// Other `DOCWORKER_` variables (`DOCWORKER_TAG`, Compose's image tag)
+/// are not settings and pass.
+fn refuse_single_underscores(names: impl Iterator<Item = String>) -> Result<()> {
+    let keys = known_keys();
+    for name in names {
+        let Some(rest) = name.strip_prefix("DOCWORKER_") else {
+            continue;
+        };
+        if rest.starts_with('_') {
+            continue;
+        }
+        let flat = rest.to_ascii_lowercase();
+        let meant = keys
+            .iter()
+            .filter(|key| {
+                let section = key.split('.').next().unwrap_or_default();
+                flat.starts_with(&format!("{section}_"))
+            })
+            .min_by_key(|key| edit_distance(&key.replace('.', "_"), &flat));
+        if let Some(key) = meant {
+            bail!(
+                "environment variable {name} is not read: settings are DOCWORKER__SECTION__KEY, with double underscores; did you mean {}?",
+                env_name(key)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The environment variable that sets `key`.
+fn env_name(key: &str) -> String {
+    format!("DOCWORKER__{}", key.to_ascii_uppercase().replace('.', "__"))
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 fn defaults() -> config::File<config::FileSourceString, config::FileFormat> {
     config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml)
 }
@@ -458,6 +564,33 @@ fn check(ok: bool, key: &str, why: String) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_written_with_single_underscores_are_refused_by_name() {
+        let refused = |name: &str| {
+            super::refuse_single_underscores(std::iter::once(name.to_string()))
+                .map_err(|e| e.to_string())
+        };
+        let err = refused("DOCWORKER_WORKER_CONCURRENCY").unwrap_err();
+        assert!(
+            err.contains("did you mean DOCWORKER__WORKER__CONCURRENCY?"),
+            "{err}"
+        );
+        let err = refused("DOCWORKER_FILES_PARSE_TIMOUT").unwrap_err();
+        assert!(err.contains("DOCWORKER__FILES__PARSE_TIMEOUT"), "{err}");
+        let err = refused("DOCWORKER_DATABASE_URL").unwrap_err();
+        assert!(err.contains("DOCWORKER__DATABASE__URL"), "{err}");
+        // Not settings: Compose's image tag, the tests' own variables.
+        for name in [
+            "DOCWORKER_TAG",
+            "DOCWORKER_TEST_VENV",
+            "DOCWORKER__WORKER__CONCURRENCY",
+            "HOME",
+        ] {
+            assert!(refused(name).is_ok(), "{name}");
+        }
+        assert!(super::known_keys().contains(&"worker.concurrency".to_string()));
+    }
 
     fn defaults() -> Settings {
         config::Config::builder()

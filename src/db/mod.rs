@@ -2,20 +2,59 @@
 //!
 //! Everything but the LISTEN connection goes through one deadpool pool, so a
 //! restarted server is recovered from by simply asking the pool again: closed
-//! connections are noticed and replaced on checkout.
+//! connections are noticed and replaced on checkout. Every session is
+//! secured as `sslmode` says ([`tls`]).
+
+pub mod tls;
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseSettings;
+use tls::SslMode;
 
-/// Parses the URL and sets what every docworker session wants.
+/// A session's settings and the TLS connector to open it with.
+pub struct Target {
+    pub config: tokio_postgres::Config,
+    pub tls: MakeRustlsConnect,
+    pub sslmode: SslMode,
+}
+
+/// Parses the URL and sets what every docworker session wants. `sslmode`
+/// and `sslrootcert` in the URL win over `database.sslmode` and
+/// `database.sslrootcert`.
+pub fn target(db: &DatabaseSettings, application_name: &str) -> Result<Target> {
+    let split = tls::split(&db.url);
+    let sslmode = SslMode::parse(split.sslmode.as_deref().unwrap_or(&db.sslmode))
+        .context("invalid sslmode (database.url or database.sslmode)")?;
+    let rootcert = split
+        .sslrootcert
+        .or_else(|| (!db.sslrootcert.as_os_str().is_empty()).then(|| db.sslrootcert.clone()));
+    let tls = tls::connector(sslmode, rootcert.as_deref())?;
+    let mut config = pg_config_of(&split.rest, db, application_name)?;
+    config.ssl_mode(sslmode.negotiation());
+    Ok(Target {
+        config,
+        tls,
+        sslmode,
+    })
+}
+
+/// The session settings alone (TLS settings taken out of the URL).
 pub fn pg_config(db: &DatabaseSettings, application_name: &str) -> Result<tokio_postgres::Config> {
-    let mut cfg: tokio_postgres::Config =
-        db.url.parse().context("invalid value for database.url")?;
+    Ok(target(db, application_name)?.config)
+}
+
+fn pg_config_of(
+    url: &str,
+    db: &DatabaseSettings,
+    application_name: &str,
+) -> Result<tokio_postgres::Config> {
+    let mut cfg: tokio_postgres::Config = url.parse().context("invalid value for database.url")?;
     if !db.password_file.as_os_str().is_empty() {
         let password = std::fs::read_to_string(&db.password_file).with_context(|| {
             format!(
@@ -40,9 +79,10 @@ pub fn pg_config(db: &DatabaseSettings, application_name: &str) -> Result<tokio_
 
 /// The shared pool. Creating it does not connect.
 pub fn pool(db: &DatabaseSettings, application_name: &str) -> Result<Pool> {
+    let target = target(db, application_name)?;
     let manager = Manager::from_config(
-        pg_config(db, application_name)?,
-        NoTls,
+        target.config,
+        target.tls,
         ManagerConfig {
             // Fast: rely on the connection task noticing a closed socket.
             // A query per checkout would cost the claim loop a round trip.
@@ -63,11 +103,14 @@ pub fn pool(db: &DatabaseSettings, application_name: &str) -> Result<Pool> {
 
 /// One session outside the pool, with its connection driven in the background.
 pub async fn connect(db: &DatabaseSettings, application_name: &str) -> Result<Client> {
-    let cfg = pg_config(db, application_name)?;
-    let (client, connection) = cfg
-        .connect(NoTls)
-        .await
-        .with_context(|| format!("connecting to PostgreSQL ({})", redacted(&cfg)))?;
+    let target = target(db, application_name)?;
+    let (client, connection) = target.config.connect(target.tls).await.with_context(|| {
+        format!(
+            "connecting to PostgreSQL ({}, sslmode {})",
+            redacted(&target.config),
+            target.sslmode.as_str()
+        )
+    })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection closed");
@@ -104,6 +147,8 @@ mod tests {
         DatabaseSettings {
             url: url.into(),
             password_file: password_file.into(),
+            sslmode: "prefer".into(),
+            sslrootcert: Default::default(),
             pool_size: 4,
             connect_timeout: Duration::from_secs(5),
         }

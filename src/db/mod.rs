@@ -14,8 +14,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, 
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::config::tls::{self as ssl, SslMode};
 use crate::config::DatabaseSettings;
-use tls::SslMode;
 
 /// A session's settings and the TLS connector to open it with.
 pub struct Target {
@@ -28,7 +28,7 @@ pub struct Target {
 /// and `sslrootcert` in the URL win over `database.sslmode` and
 /// `database.sslrootcert`.
 pub fn target(db: &DatabaseSettings, application_name: &str) -> Result<Target> {
-    let split = tls::split(&db.url);
+    let split = ssl::split(&db.url);
     let sslmode = SslMode::parse(split.sslmode.as_deref().unwrap_or(&db.sslmode))
         .context("invalid sslmode (database.url or database.sslmode)")?;
     let rootcert = split

@@ -47,7 +47,7 @@ pub const UPLOADS: &str = "uploads";
 
 /// Bumped when parsing or chunking changes what a file turns into, so that
 /// files indexed by an older version are not skipped as unchanged.
-const PIPELINE_VERSION: u32 = 2;
+const PIPELINE_VERSION: u32 = 3;
 
 /// How many times a document is chunked again, each time smaller, after
 /// the model refused one of its chunks as too long.

@@ -127,10 +127,18 @@ impl ParserProcess {
             let mut answer = Vec::new();
             let mut errors = Vec::new();
             let mut stdout = (&mut stdout).take(answer_cap);
-            let mut stderr = (&mut stderr).take(64 * 1024);
             let read = stdout.read_to_end(&mut answer);
-            let read_errors = stderr.read_to_end(&mut errors);
-            let ((), read, _) = tokio::join!(write, read, read_errors);
+            // Read to the end, keeping the start: a child that fills the
+            // pipe must not block on it.
+            let read_errors = async {
+                let mut buffer = [0u8; 8192];
+                while let Ok(n @ 1..) = stderr.read(&mut buffer).await {
+                    if errors.len() < 64 * 1024 {
+                        errors.extend_from_slice(&buffer[..n]);
+                    }
+                }
+            };
+            let ((), read, ()) = tokio::join!(write, read, read_errors);
             let status = child.wait().await;
             (read.map(|_| answer), errors, status)
         };

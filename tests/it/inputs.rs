@@ -843,3 +843,36 @@ async fn a_runaway_parser_is_killed_at_its_timeout_and_other_jobs_never_notice()
     let logs = worker.logs();
     assert!(!logs.contains("panicked"), "{logs}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parser_over_its_memory_limit_fails_its_job_alone() {
+    let mut stack = Stack::new().await;
+    stack
+        .set("DOCWORKER__FILES__PARSE_MEMORY_MB", "256")
+        .set("DOCWORKER__FILES__MAX_UNPACKED_MB", "1000")
+        .set("DOCWORKER__FILES__MAX_TEXT_MB", "1000");
+    // Within the unpacking limit, far beyond the parser's memory.
+    let bomb = stack.write("big.docx", fixtures::docx_bomb(600_000_000));
+    let good = stack.write("good.txt", GOOD_TEXT);
+    let mut worker = stack.worker();
+    let bomb_id = stack
+        .ingest("big.docx", &bomb.display().to_string(), None, json!({}))
+        .await;
+    let good_id = stack
+        .ingest("good.txt", &good.display().to_string(), None, json!({}))
+        .await;
+    let row = stack.wait_finished(bomb_id, JOB_DEADLINE).await;
+    assert_eq!(row.status, "error", "{row:?}");
+    let message = row.error_message.unwrap_or_default();
+    // Whichever allocation fails first: one that reports it (unpacking),
+    // or one that aborts the parser process.
+    assert!(
+        message.contains("more memory than the parser may use (files.parse_memory_mb)")
+            || message.contains("needed more than files.parse_memory_mb (256 MB)"),
+        "{message}\n{}",
+        worker.logs()
+    );
+    let good_row = stack.wait_finished(good_id, JOB_DEADLINE).await;
+    assert_eq!(good_row.status, "completed", "{good_row:?}");
+    assert!(alive(&mut worker), "{}", worker.logs());
+}

@@ -213,7 +213,14 @@ fn read_capped(
     entry
         .take(budget.saturating_add(1))
         .read_to_end(&mut data)
-        .map_err(|e| damaged(&format!("{name} cannot be unpacked ({e})")))?;
+        .map_err(|e| match e.kind() {
+            // The parser process's memory limit, not a damaged file.
+            std::io::ErrorKind::OutOfMemory => ParseError::new(
+                "Unpacking this .docx needs more memory than the parser may use \
+                 (files.parse_memory_mb); split the document, or raise the setting.",
+            ),
+            _ => damaged(&format!("{name} cannot be unpacked ({e})")),
+        })?;
     if u64::try_from(data.len()).map_or(true, |len| len > budget) {
         return Err(bomb(limit));
     }
@@ -289,23 +296,12 @@ impl Notes {
 
 /// Lower-case Roman numerals, as Word numbers endnotes.
 fn roman(mut n: usize) -> String {
-    const DIGITS: [(usize, &str); 13] = [
-        (1000, "m"),
-        (900, "cm"),
-        (500, "d"),
-        (400, "cd"),
-        (100, "c"),
-        (90, "xc"),
-        (50, "l"),
-        (40, "xl"),
-        (10, "x"),
-        (9, "ix"),
-        (5, "v"),
-        (4, "iv"),
-        (1, "i"),
+    const VALUES: [usize; 13] = [1000, 900, 500, 400, 100, 90, 50, 40, 10, 9, 5, 4, 1];
+    const DIGITS: [&str; 13] = [
+        "m", "cm", "d", "cd", "c", "xc", "l", "xl", "x", "ix", "v", "iv", "i",
     ];
     let mut out = String::new();
-    for (value, digits) in DIGITS {
+    for (value, digits) in VALUES.into_iter().zip(DIGITS) {
         while n >= value {
             out.push_str(digits);
             n -= value;

@@ -158,7 +158,14 @@ impl OutputDev for PageCollector {
         font_size: f64,
         char: &str,
     ) -> Result<(), OutputError> {
-        self.page()?.character(trm, width, font_size, char);
+        let page = self.page()?;
+        page.character(trm, width, font_size, char);
+        // A page can hold far more text than its compressed stream's size
+        // suggests: refuse it while it grows, not once it is all collected.
+        if page.text_bytes() > self.out.cap.saturating_sub(self.out.len()) {
+            self.refused = Some(super::text_too_large(&self.out.limits));
+            return Err(OutputError::FormatError(std::fmt::Error));
+        }
         Ok(())
     }
 

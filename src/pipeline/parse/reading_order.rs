@@ -76,6 +76,8 @@ pub(super) struct PageLayout {
     first_char: bool,
     last_end: f64,
     last_y: f64,
+    /// Text bytes collected so far, for the caller's text limit.
+    bytes: usize,
 }
 
 impl PageLayout {
@@ -86,7 +88,13 @@ impl PageLayout {
             first_char: true,
             last_end: 0.0,
             last_y: 0.0,
+            bytes: 0,
         }
+    }
+
+    /// Text bytes collected on this page so far.
+    pub(super) fn text_bytes(&self) -> usize {
+        self.bytes
     }
 
     pub(super) fn begin_word(&mut self) {
@@ -128,6 +136,7 @@ impl PageLayout {
                 segment.text.push(' ');
             }
             segment.text.push_str(ch);
+            self.bytes += ch.len() + 1;
             segment.size = segment.size.max(size);
             let end = x + width * size;
             segment.x0 = segment.x0.min(x);

@@ -6,7 +6,7 @@
 # the rows of the tables the owner creates and nothing else (no DDL).
 # See README, "Database roles", for the same on an existing database.
 set -eu
-password="$(tr -d '\r\n' < /run/secrets/worker_db_password)"
+password="$(tr -d '\r\n' < "${WORKER_DB_PASSWORD_FILE:-/run/secrets/worker_db_password}")"
 psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
     -v owner="$POSTGRES_USER" -v password="$password" <<'SQL'
 CREATE ROLE docworker_worker LOGIN PASSWORD :'password';

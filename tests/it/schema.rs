@@ -1088,3 +1088,69 @@ async fn a_role_with_row_rights_only_migrates_ingests_and_deletes() {
         "{err}"
     );
 }
+
+/// Compose's init script (config/postgres-init/), run as the postgres image
+/// runs it on a new volume: the owner migrates, and the role it creates for
+/// the worker reads and writes rows and can do nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_init_script_makes_a_runtime_role_without_ddl() {
+    let cluster = crate::harness::Cluster::start_throwaway(false);
+    let db = cluster.database(false).await;
+    let name = db.url.rsplit('/').next().unwrap().to_string();
+    let (_, host_port) = db.url.split_once('@').unwrap();
+    let host_port = host_port.split('/').next().unwrap();
+    let (host, port) = host_port.split_once(':').unwrap();
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "s3cret\n").unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/postgres-init/10-docworker-runtime-role.sh"
+    );
+    let out = std::process::Command::new("sh")
+        .arg(script)
+        .env("PGHOST", host)
+        .env("PGPORT", port)
+        .env("POSTGRES_USER", "postgres")
+        .env("POSTGRES_DB", &name)
+        .env("WORKER_DB_PASSWORD_FILE", secret.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (code, out, err) = run_worker(&db.url, &["migrate"], &[]);
+    assert_eq!(code, 0, "the owner migrates: {out}\n{err}");
+    let runtime = format!("postgres://docworker_worker:s3cret@{host_port}/{name}");
+    let (code, out, err) = run_worker(&runtime, &["migrate"], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("schema is up to date"), "{out}");
+
+    let worker = WorkerProcess::spawn(&runtime, &[]);
+    let job = db.noop_job(json!({})).await;
+    db.wait_status(job, "completed", Duration::from_secs(30))
+        .await;
+    drop(worker);
+
+    let client = connect(&runtime).await;
+    let err = client
+        .batch_execute("CREATE TABLE intruder (a int)")
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("permission denied for schema public")),
+        "{err:?}"
+    );
+    let err = client
+        .batch_execute("ALTER TABLE job_tasks ADD COLUMN intruder int")
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("must be owner")),
+        "{err:?}"
+    );
+}

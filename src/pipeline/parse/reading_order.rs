@@ -43,6 +43,12 @@ const PROSE_CHARS: usize = 15;
 /// quadratic in the worst case; no real page comes near it).
 const MAX_SEGMENTS: usize = 20_000;
 
+/// Cuts nest no deeper than this; below, a region is read line by line.
+/// A real page needs a few levels (page, columns, paragraphs, lines); a
+/// hostile one could otherwise recurse once per line and overflow the
+/// stack of the thread parsing it.
+const MAX_DEPTH: usize = 64;
+
 /// A run of text on one baseline.
 #[derive(Debug, Clone)]
 struct Segment {
@@ -165,7 +171,7 @@ impl PageLayout {
                 lines: Vec::new(),
                 column: 0,
             };
-            cutter.cut((0..segments.len()).collect());
+            cutter.cut((0..segments.len()).collect(), 0);
             cutter.lines
         };
         join(&segments, &lines)
@@ -186,8 +192,8 @@ struct Cutter<'a> {
 }
 
 impl Cutter<'_> {
-    fn cut(&mut self, ids: Vec<usize>) {
-        if ids.len() <= 1 {
+    fn cut(&mut self, ids: Vec<usize>, depth: usize) {
+        if ids.len() <= 1 || depth >= MAX_DEPTH {
             self.band(ids);
             return;
         }
@@ -202,9 +208,9 @@ impl Cutter<'_> {
                 let (left, right): (Vec<usize>, Vec<usize>) =
                     ids.iter().partition(|&&i| s[i].x1 <= at);
                 if self.prose(&left) && self.prose(&right) {
-                    self.cut(left);
+                    self.cut(left, depth + 1);
                     self.column += 1;
-                    self.cut(right);
+                    self.cut(right, depth + 1);
                     self.column += 1;
                     return;
                 }
@@ -226,7 +232,7 @@ impl Cutter<'_> {
                 bands[band].push(i);
             }
             for band in bands {
-                self.cut(band);
+                self.cut(band, depth + 1);
             }
             return;
         }
@@ -378,7 +384,7 @@ mod tests {
             lines: Vec::new(),
             column: 0,
         };
-        cutter.cut((0..segments.len()).collect());
+        cutter.cut((0..segments.len()).collect(), 0);
         join(&segments, &cutter.lines)
     }
 
@@ -451,6 +457,28 @@ mod tests {
             order(segments),
             "First paragraph.\n\nSecond, far below.\nIts second line."
         );
+    }
+
+    #[test]
+    fn a_page_cut_once_per_line_stays_within_the_depth() {
+        // Each gap 1.3 times the one above: the widest-gap-first cut peels
+        // one line per level, 2,000 levels deep without a limit, more than
+        // a small thread stack holds.
+        let (mut y, mut gap) = (0.0, 1.0);
+        let segments: Vec<Segment> = (0..2_000)
+            .map(|_| {
+                y += 10.0 + gap;
+                gap *= 1.3;
+                segment(50.0, 300.0, y, "a line of text")
+            })
+            .collect();
+        let text = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || order(segments))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(text.lines().filter(|l| !l.is_empty()).count(), 2_000);
     }
 
     #[test]

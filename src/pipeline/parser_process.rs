@@ -16,10 +16,12 @@
 //! size), and an empty environment. It answers on stdout with one JSON line (the format, encoding and
 //! page starts, or the error) followed by the text.
 //!
-//! Files under [`INLINE_BELOW`] bytes are parsed in the worker on a blocking
-//! thread instead: starting a process costs more than parsing them, and no
-//! parser can run away for long on so little input (the time limit still
-//! applies to them, as before).
+//! Text formats under [`INLINE_BELOW`] bytes are parsed in the worker on a
+//! blocking thread instead: starting a process costs more than parsing them,
+//! and no parser can run away for long on so little input (the time limit
+//! still applies to them, as before). PDFs and .docx files always go to a
+//! child, whatever their size: both decompress (a few KB can inflate to tens
+//! of MB), and their parsers are the ones with known panics.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -78,9 +80,10 @@ impl ParserProcess {
         ParserProcess { program, ..self }
     }
 
-    /// Parses a file: in process if it is small, in a child otherwise.
+    /// Parses a file: in process if it is a small text file, in a child
+    /// otherwise.
     pub async fn parse(&self, bytes: Vec<u8>, filename: String) -> Result<Parsed, JobError> {
-        if bytes.len() < INLINE_BELOW {
+        if in_process(&bytes, &filename) {
             let limits = self.limits;
             return super::blocking("parsing", self.timeout, move || {
                 parse::parse(&bytes, &filename, &limits).map_err(|e| JobError::permanent(e.message))
@@ -199,6 +202,16 @@ impl ParserProcess {
             }
         }
     }
+}
+
+/// Whether a file is parsed in the worker: a small file, not a PDF or a
+/// .docx.
+fn in_process(bytes: &[u8], filename: &str) -> bool {
+    bytes.len() < INLINE_BELOW
+        && !matches!(
+            parse::detect(bytes, filename),
+            Ok(Format::Pdf | Format::Docx)
+        )
 }
 
 fn timed_out(limit: Duration) -> JobError {
@@ -334,4 +347,22 @@ fn confine(memory: u64, cpu_seconds: u64) -> std::io::Result<()> {
     setrlimit(Resource::Cpu, limit(cpu_seconds, cpu_seconds + 1))?;
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::samples;
+
+    #[test]
+    fn only_small_text_files_parse_in_the_worker() {
+        assert!(in_process(b"Hello.", "a.txt"));
+        assert!(in_process(b"<p>Hello.</p>", "a.html"));
+        assert!(!in_process(&vec![b'a'; INLINE_BELOW], "a.txt"));
+        let pdf = samples::pdf(&["Hello."]);
+        let docx = samples::docx(&["Hello."]);
+        assert!(pdf.len() < INLINE_BELOW && docx.len() < INLINE_BELOW);
+        assert!(!in_process(&pdf, "a.pdf"));
+        assert!(!in_process(&docx, "a.docx"));
+    }
 }

@@ -11,7 +11,7 @@ pub mod queue;
 mod backlog;
 mod corpus;
 mod pgbench;
-mod procfs;
+pub mod procfs;
 mod soak;
 
 use anyhow::{Context, Result};

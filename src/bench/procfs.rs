@@ -1,6 +1,7 @@
-//! What the benchmarks read from /proc: a process's memory and CPU time,
-//! the machine's CPU time, every process's CPU time by name, and this
-//! thread's CPU clock. Linux only; where /proc does not say, zeros.
+//! What the benchmarks (and the tests) read from /proc: a process's memory,
+//! CPU time and children, the machine's CPU time, every process's CPU time
+//! by name, and this thread's CPU clock. Linux only; where /proc does not
+//! say, zeros.
 
 /// (VmRSS, VmHWM) of a process in KiB, from /proc.
 pub(crate) fn memory_kib(pid: u32) -> (u64, u64) {
@@ -17,7 +18,7 @@ pub(crate) fn memory_kib(pid: u32) -> (u64, u64) {
 }
 
 /// The processes whose parent is `pid`.
-pub(crate) fn children_of(pid: u32) -> Vec<u32> {
+pub fn children_of(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -47,7 +48,7 @@ pub(crate) fn thread_cpu_ns() -> u64 {
 
 /// A process's user + system CPU time in seconds, all threads, including
 /// threads that have exited (/proc/PID/stat, in USER_HZ = 100 ticks).
-pub(crate) fn process_cpu_seconds(pid: u32) -> f64 {
+pub fn process_cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The command name may contain spaces: fields are counted after ')'.
     let fields: Vec<&str> = stat

@@ -7,6 +7,7 @@
 
 pub mod tls;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -24,29 +25,38 @@ pub struct Target {
     pub sslmode: SslMode,
 }
 
-/// Parses the URL and sets what every docworker session wants. `sslmode`
-/// and `sslrootcert` in the URL win over `database.sslmode` and
-/// `database.sslrootcert`.
+/// Parses the URL and sets what every docworker session wants, with the
+/// TLS connector its `sslmode` calls for. `sslmode` and `sslrootcert` in
+/// the URL win over `database.sslmode` and `database.sslrootcert`.
 pub fn target(db: &DatabaseSettings, application_name: &str) -> Result<Target> {
+    let (config, sslmode, rootcert) = session(db, application_name)?;
+    Ok(Target {
+        tls: tls::connector(sslmode, rootcert.as_deref())?,
+        config,
+        sslmode,
+    })
+}
+
+/// The session settings alone (TLS settings taken out of the URL), without
+/// building a connector.
+pub fn pg_config(db: &DatabaseSettings, application_name: &str) -> Result<tokio_postgres::Config> {
+    Ok(session(db, application_name)?.0)
+}
+
+/// The session settings, the sslmode, and the root certificate file.
+fn session(
+    db: &DatabaseSettings,
+    application_name: &str,
+) -> Result<(tokio_postgres::Config, SslMode, Option<PathBuf>)> {
     let split = ssl::split(&db.url);
     let sslmode = SslMode::parse(split.sslmode.as_deref().unwrap_or(&db.sslmode))
         .context("invalid sslmode (database.url or database.sslmode)")?;
     let rootcert = split
         .sslrootcert
         .or_else(|| (!db.sslrootcert.as_os_str().is_empty()).then(|| db.sslrootcert.clone()));
-    let tls = tls::connector(sslmode, rootcert.as_deref())?;
     let mut config = pg_config_of(&split.rest, db, application_name)?;
     config.ssl_mode(sslmode.negotiation());
-    Ok(Target {
-        config,
-        tls,
-        sslmode,
-    })
-}
-
-/// The session settings alone (TLS settings taken out of the URL).
-pub fn pg_config(db: &DatabaseSettings, application_name: &str) -> Result<tokio_postgres::Config> {
-    Ok(target(db, application_name)?.config)
+    Ok((config, sslmode, rootcert))
 }
 
 fn pg_config_of(

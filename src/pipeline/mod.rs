@@ -55,7 +55,7 @@ const MAX_RECHUNKS: usize = 8;
 
 pub struct Pipeline {
     files: FileSettings,
-    limits: parse::Limits,
+    /// Parses files; its limits are the parse limits everywhere.
     parser: ParserProcess,
     chunker: Chunker,
     embed_batch_size: usize,
@@ -83,12 +83,11 @@ impl Pipeline {
         };
         Ok(Pipeline {
             files: settings.files.clone(),
-            limits,
-            parser: ParserProcess::new(
+            parser: ParserProcess {
                 limits,
-                settings.files.parse_timeout,
-                settings.files.parse_memory_mb * 1_000_000,
-            ),
+                timeout: settings.files.parse_timeout,
+                memory_bytes: settings.files.parse_memory_mb * 1_000_000,
+            },
             chunker: Chunker {
                 sizer,
                 size: settings.chunk.size,
@@ -170,7 +169,7 @@ impl Pipeline {
         let user_metadata = user_metadata(&job.options)?;
         let max_bytes = self.files.max_file_mb * 1_000_000;
         let (files, path) = (self.files.clone(), file_path.to_owned());
-        let (filename, limits) = (job.filename.clone(), self.limits);
+        let (filename, limits) = (job.filename.clone(), self.parser.limits);
         // Everything the file alone can fail on fails here, before the
         // embedder or Chroma is asked.
         let (named, mut file) = blocking("reading the file", self.files.parse_timeout, move || {

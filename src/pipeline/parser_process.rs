@@ -49,37 +49,23 @@ pub const INLINE_BELOW: usize = 64 * 1024;
 /// How the worker runs parsers.
 #[derive(Debug, Clone)]
 pub struct ParserProcess {
-    /// The binary to run as the child: this one.
-    program: PathBuf,
     pub limits: Limits,
     pub timeout: Duration,
     pub memory_bytes: u64,
 }
 
+/// The binary the child runs: this one. /proc/self/exe rather than the path
+/// the worker was started from: it is this very binary even after a package
+/// upgrade replaced the file on disk.
+fn program() -> PathBuf {
+    if cfg!(target_os = "linux") {
+        PathBuf::from("/proc/self/exe")
+    } else {
+        std::env::current_exe().unwrap_or_else(|_| PathBuf::from("worker"))
+    }
+}
+
 impl ParserProcess {
-    pub fn new(limits: Limits, timeout: Duration, memory_bytes: u64) -> ParserProcess {
-        // /proc/self/exe rather than the path the worker was started from:
-        // it is this very binary even after a package upgrade replaced the
-        // file on disk.
-        let program = if cfg!(target_os = "linux") {
-            PathBuf::from("/proc/self/exe")
-        } else {
-            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("worker"))
-        };
-        ParserProcess {
-            program,
-            limits,
-            timeout,
-            memory_bytes,
-        }
-    }
-
-    /// Runs the child from `program` instead (the benchmark and tests,
-    /// whose own binary has no child subcommand).
-    pub fn with_program(self, program: PathBuf) -> ParserProcess {
-        ParserProcess { program, ..self }
-    }
-
     /// Parses a file: in process if it is a small text file, in a child
     /// otherwise.
     pub async fn parse(&self, bytes: Vec<u8>, filename: String) -> Result<Parsed, JobError> {
@@ -96,7 +82,7 @@ impl ParserProcess {
     /// Parses a file in a child process, whatever its size.
     pub async fn parse_in_child(&self, bytes: Vec<u8>, filename: &str) -> Result<Parsed, JobError> {
         let cpu_seconds = self.timeout.as_secs() + 2;
-        let mut child = tokio::process::Command::new(&self.program)
+        let mut child = tokio::process::Command::new(program())
             .arg(CHILD_COMMAND)
             .arg(self.limits.max_unpacked_bytes.to_string())
             .arg(self.limits.max_text_bytes.to_string())

@@ -7,6 +7,7 @@ use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use docworker::bench::procfs::{children_of, process_cpu_seconds};
 use rand::{RngCore, SeedableRng};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -758,36 +759,15 @@ async fn legacy_encodings_are_stored_as_utf8() {
     }
 }
 
-/// The worker's own CPU time (all its threads, not its children's), from
-/// /proc: user + system, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The command name may hold spaces; the fields after it do not.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
-}
-
 /// The parser processes the worker `pid` has running.
 fn parser_children(pid: u32) -> Vec<u32> {
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let parent: u32 = after.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
-        let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
-        if parent == pid && String::from_utf8_lossy(&cmdline).contains("__parse-child") {
-            children.push(child);
-        }
-    }
-    children
+    children_of(pid)
+        .into_iter()
+        .filter(|child| {
+            let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains("__parse-child")
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -833,9 +813,9 @@ async fn a_runaway_parser_is_killed_at_its_timeout_and_other_jobs_never_notice()
     // The child is gone and the worker is idle again.
     assert_eq!(parser_children(pid), Vec::<u32>::new());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = cpu_seconds(pid);
+    let before = process_cpu_seconds(pid);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let used = cpu_seconds(pid) - before;
+    let used = process_cpu_seconds(pid) - before;
     assert!(
         used < 0.5,
         "the worker used {used:.2} s of CPU in 3 s after the job failed"

@@ -226,7 +226,11 @@ fn measure<T>(runs: usize, mut f: impl FnMut() -> T) -> (T, f64, f64) {
 /// process: wall time, the median of several runs each.
 pub(crate) async fn isolation_cost() -> Result<()> {
     let limits = Limits::default();
-    let parser = ParserProcess::new(limits, Duration::from_secs(120), 2_048_000_000);
+    let parser = ParserProcess {
+        limits,
+        timeout: Duration::from_secs(120),
+        memory_bytes: 2_048_000_000,
+    };
     let mut gen = Prose::new(2);
     let docs: Vec<(&str, &str, Vec<u8>)> = vec![
         ("txt, 1 line", "a.txt", b"Hello, world.".to_vec()),

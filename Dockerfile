@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # docworker: the `worker` daemon in a distroless image of about 35 MB
 # (distroless base-nossl ~15 MB + the stripped binary ~19 MB).
 #
@@ -95,8 +93,10 @@ EXPOSE 9187
 # SIGTERM: stop claiming, give running jobs worker.shutdown_grace (30 s), hand
 # back the rest; give the container a longer stop timeout than that (45 s).
 STOPSIGNAL SIGTERM
+# Healthy: the main loop turns and PostgreSQL answers (an embedder or Chroma
+# outage pauses only the jobs that need them; `worker health --ready` tells).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["/usr/local/bin/worker", "health"]
+    CMD ["/usr/local/bin/worker", "health", "--database"]
 
 ENTRYPOINT ["/usr/local/bin/worker"]
 CMD ["run"]

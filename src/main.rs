@@ -78,8 +78,11 @@ enum Command {
     /// Exit 0 if this host's worker answers its health check (needs http.enabled).
     Health {
         /// Check readiness instead: database, LISTEN, embedder and Chroma reachable.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "database")]
         ready: bool,
+        /// Alive and PostgreSQL answers (the image's HEALTHCHECK).
+        #[arg(long)]
+        database: bool,
     },
     /// Print the queue's numbers and, if it answers, this host's worker's.
     Stats,
@@ -195,8 +198,13 @@ async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitCode> {
             let client = db::connect(&settings.database, "docworker cancel").await?;
             admin::cancel(&client, id).await?;
         }
-        Command::Health { ready } => {
-            if !probe::health(&settings.http, ready).await? {
+        Command::Health { ready, database } => {
+            let check = match (ready, database) {
+                (true, _) => probe::HealthCheck::Ready,
+                (false, true) => probe::HealthCheck::Database,
+                (false, false) => probe::HealthCheck::Live,
+            };
+            if !probe::health(&settings.http, check).await? {
                 return Ok(ExitCode::from(1));
             }
         }

@@ -182,12 +182,14 @@ fn refusal_code(e: &anyhow::Error) -> Option<String> {
 
 /// The daemon. Returns when a graceful shutdown has completed.
 pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
+    // Before the handler is built, so that the gauges it sets are kept.
+    let metrics = settings.http.enabled.then(metrics::install).transpose()?;
     let Some(core) = Core::start(settings, &shutdown).await? else {
         tracing::info!("shut down before the database was reachable");
         return Ok(());
     };
     let w = &settings.worker;
-    if settings.http.enabled {
+    if let Some(metrics) = metrics {
         StatusServer {
             health: core.health.clone(),
             pool: core.pool.clone(),
@@ -195,7 +197,7 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
             outages: core.outages.clone(),
             running: core.running.clone(),
             concurrency: w.concurrency,
-            metrics: metrics::install()?,
+            metrics,
         }
         .start(settings.http.address, core.background.clone())
         .await?;

@@ -142,6 +142,17 @@ pub struct EmbedSettings {
     pub context_length: usize,
 }
 
+impl EmbedSettings {
+    /// The endpoints `url` lists, comma-separated, without trailing slashes.
+    pub fn urls(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChromaSettings {
@@ -356,11 +367,24 @@ impl Settings {
             format!("must be smaller than chunk.size ({})", c.size),
         )?;
         let e = &self.embed;
+        let urls = e.urls();
         check(
-            e.url.starts_with("http://") || e.url.starts_with("https://"),
+            !urls.is_empty(),
             "embed.url",
-            format!("must be an http:// or https:// URL (got {:?})", e.url),
+            "must name an embedding server (several: separate them with commas)".into(),
         )?;
+        for url in &urls {
+            check(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "embed.url",
+                format!("must be http:// or https:// URLs, separated by commas (got {url:?})"),
+            )?;
+            check(
+                urls.iter().filter(|u| *u == url).count() == 1,
+                "embed.url",
+                format!("names {url} twice"),
+            )?;
+        }
         check(
             !e.model.trim().is_empty(),
             "embed.model",

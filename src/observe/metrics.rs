@@ -53,6 +53,9 @@ pub const LEASE_RECLAIMS: &str = "docworker_lease_reclaims_total";
 /// Gauge, by `dependency` (embedder, chroma): 0 while this process finds it
 /// down and pauses the jobs that need it, 1 otherwise.
 pub const DEPENDENCY_UP: &str = "docworker_dependency_up";
+/// Gauge, by `endpoint` (a URL of embed.url): 1 while it is in rotation, 0
+/// while it is out and being probed.
+pub const EMBED_ENDPOINT_UP: &str = "docworker_embed_endpoint_up";
 /// Counter: times the LISTEN connection was re-established.
 pub const LISTENER_RECONNECTS: &str = "docworker_listener_reconnects_total";
 /// Counter, by `service` (embedder, chroma) and `op`: HTTP requests made.
@@ -137,6 +140,10 @@ fn describe() {
         DEPENDENCY_UP,
         "0 while this process finds the dependency down and pauses the jobs that need it."
     );
+    describe_gauge!(
+        EMBED_ENDPOINT_UP,
+        "1 while the embedding endpoint is in rotation, 0 while it is out and probed."
+    );
     describe_counter!(
         LISTENER_RECONNECTS,
         "Times the LISTEN connection was re-established."
@@ -169,6 +176,15 @@ pub fn set_queue(snapshot: Option<&QueueSnapshot>) {
     ::metrics::gauge!(QUEUE_DEPTH).set(s.due as f64);
     ::metrics::gauge!(SCHEDULED).set(s.scheduled as f64);
     ::metrics::gauge!(OLDEST_PENDING_AGE).set(s.oldest_due_age.as_secs_f64());
+}
+
+/// Whether an embedding endpoint is in rotation (by its URL).
+pub fn embed_endpoint_up(endpoint: &str, up: bool) {
+    ::metrics::gauge!(EMBED_ENDPOINT_UP, "endpoint" => endpoint.to_string()).set(if up {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 pub fn dependency_up(dependency: &'static str, up: bool) {

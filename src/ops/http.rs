@@ -2,7 +2,11 @@
 //! runs the worker, never an API for the app (the app talks SQL).
 //!
 //! - `/healthz`: 200 while the process's main loop turns; 503 once it has
-//!   stalled (container liveness, `worker health`).
+//!   stalled (liveness, `worker health`: restarting fixes a stall).
+//!   `/healthz?with=database` also needs PostgreSQL to answer: the image's
+//!   HEALTHCHECK (`worker health --database`), because a worker without
+//!   its database does no work, while an embedder or Chroma outage only
+//!   pauses the jobs that need them and is `/readyz`'s to report.
 //! - `/readyz`: 200 when the database, the LISTEN connection, the embedding
 //!   server and Chroma all answer; 503 with the failing checks otherwise.
 //!   Not ready is not unhealthy: jobs just wait with backoff.
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -25,7 +29,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::observe::metrics;
-use crate::queue::health::Health;
+use crate::queue::health::{self, Health};
 use crate::queue::outage::Outages;
 use crate::queue::running::RunningJobs;
 use crate::queue::{Check, TaskHandler};
@@ -87,15 +91,32 @@ impl StatusServer {
     }
 }
 
-async fn healthz(State(s): State<StatusServer>) -> Response {
+async fn healthz(State(s): State<StatusServer>, RawQuery(query): RawQuery) -> Response {
     let since = s.health.since_beat();
-    if s.health.is_live() {
-        text(StatusCode::OK, "ok\n".into())
-    } else {
-        text(
+    if !s.health.is_live() {
+        return text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("main loop stalled: last turn {since:?} ago\n"),
-        )
+        );
+    }
+    match query.as_deref() {
+        None | Some("") => text(StatusCode::OK, "ok\n".into()),
+        Some("with=database") => {
+            let check = health::database(&s.pool).await;
+            let status = if check.ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(
+                status,
+                format!("main loop: ok\ndatabase: {}\n", check.detail),
+            )
+        }
+        Some(other) => text(
+            StatusCode::BAD_REQUEST,
+            format!("unknown query {other:?}: /healthz?with=database is the one there is\n"),
+        ),
     }
 }
 

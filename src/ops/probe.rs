@@ -46,10 +46,24 @@ async fn get(url: &str) -> Result<(u16, String)> {
     Ok((status, response.text().await?))
 }
 
-/// True when the daemon answers `/healthz` (or with `ready`, `/readyz`)
-/// with 200. Prints what it said.
-pub async fn health(http: &HttpSettings, ready: bool) -> Result<bool> {
-    let path = if ready { "/readyz" } else { "/healthz" };
+/// Which of the daemon's checks `worker health` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// `/healthz`: the main loop turns.
+    Live,
+    /// `/healthz?with=database`: and PostgreSQL answers.
+    Database,
+    /// `/readyz`: every dependency answers.
+    Ready,
+}
+
+/// True when the daemon answers the check with 200. Prints what it said.
+pub async fn health(http: &HttpSettings, check: HealthCheck) -> Result<bool> {
+    let path = match check {
+        HealthCheck::Live => "/healthz",
+        HealthCheck::Database => "/healthz?with=database",
+        HealthCheck::Ready => "/readyz",
+    };
     let (status, body) = get(&format!("{}{path}", daemon_url(http)?)).await?;
     print!("{body}");
     Ok(status == 200)

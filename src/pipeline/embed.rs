@@ -7,13 +7,16 @@
 //! four kinds: the server did not answer (down, overloaded: the queue waits
 //! for it), worth retrying later, hopeless, or "this input is too long"
 //! (which the pipeline answers by splitting the input, never by cutting it).
+//! Requests are spread over the endpoints `embed.url` lists (`endpoints`).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
+use super::endpoints::{Endpoints, Out};
 use crate::config::{EmbedSettings, Provider};
 use crate::observe::metrics;
 
@@ -51,10 +54,21 @@ impl EmbedError {
 }
 
 pub struct Embedder {
-    http: reqwest::Client,
-    settings: EmbedSettings,
+    client: Arc<Client>,
+    endpoints: Arc<Endpoints>,
     info: Mutex<Option<ModelInfo>>,
 }
+
+/// The HTTP side, shared with the probes that bring an endpoint back.
+struct Client {
+    http: reqwest::Client,
+    settings: EmbedSettings,
+}
+
+/// A probe of an endpoint out of rotation waits this long at first, then
+/// twice as long each time, up to [`PROBE_CAP`].
+const PROBE_FIRST: Duration = Duration::from_secs(1);
+const PROBE_CAP: Duration = Duration::from_secs(15);
 
 impl Embedder {
     pub fn new(settings: &EmbedSettings) -> anyhow::Result<Embedder> {
@@ -63,44 +77,58 @@ impl Embedder {
             .connect_timeout(Duration::from_secs(5))
             .build()?;
         Ok(Embedder {
-            http,
-            settings: settings.clone(),
+            client: Arc::new(Client {
+                http,
+                settings: settings.clone(),
+            }),
+            endpoints: Arc::new(Endpoints::new(settings.urls())),
             info: Mutex::new(None),
         })
     }
 
-    /// Whether the server answers at all (any HTTP status will do): for
-    /// readiness probes, which must not load a model.
-    pub async fn reachable(&self) -> Result<(), String> {
-        match self.http.get(self.base()).send().await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self.unreachable(e).message()),
-        }
+    /// Whether each endpoint answers at all (any HTTP status will do): for
+    /// readiness probes, which must not load a model. In `embed.url`'s
+    /// order, with the endpoint's rotation state.
+    pub async fn reachable(&self) -> Vec<EndpointHealth> {
+        let states = self.endpoints.states();
+        let answers = futures_util::future::join_all(states.iter().map(|(url, _)| async move {
+            match self.client.http.get(url).send().await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(self.client.unreachable(url, e).message()),
+            }
+        }))
+        .await;
+        states
+            .into_iter()
+            .zip(answers)
+            .map(|((url, out), answer)| EndpointHealth { url, out, answer })
+            .collect()
     }
 
-    /// Whether the server embeds again after an outage: one short input,
+    /// Whether the embedder embeds again after an outage: one short input,
     /// one try. A server that merely answers HTTP may still refuse every
     /// embedding (overloaded, model not loaded), so the probe is the real
     /// request.
     pub async fn probe(&self) -> Result<(), String> {
         self.model().await.map_err(EmbedError::message)?;
-        self.request(&["docworker probe"])
+        self.on_an_endpoint(|url| self.client.request(url, &["docworker probe"]))
             .await
             .map(drop)
             .map_err(EmbedError::message)
     }
 
     pub fn model_name(&self) -> &str {
-        &self.settings.model
+        &self.client.settings.model
     }
 
-    /// Identifies provider and model, for the settings fingerprint.
+    /// Identifies provider and model, for the settings fingerprint. Not the
+    /// endpoints: they all serve the same model.
     pub fn describe(&self) -> String {
-        let provider = match self.settings.provider {
+        let provider = match self.client.settings.provider {
             Provider::Ollama => "ollama",
             Provider::OpenAi => "openai",
         };
-        format!("{provider}/{}", self.settings.model)
+        format!("{provider}/{}", self.client.settings.model)
     }
 
     /// The model's vector size and context length, asked for once and then
@@ -111,24 +139,29 @@ impl Embedder {
         if let Some(info) = *cached {
             return Ok(info);
         }
-        let info = match self.settings.provider {
-            Provider::Ollama => self.show_ollama_model().await?,
+        let settings = &self.client.settings;
+        let info = match settings.provider {
+            Provider::Ollama => {
+                self.on_an_endpoint(|url| self.client.show_ollama_model(url))
+                    .await?
+            }
             Provider::OpenAi => ModelInfo {
-                dimension: self.settings.dimension,
-                context_length: (self.settings.context_length > 0)
-                    .then_some(self.settings.context_length),
+                dimension: settings.dimension,
+                context_length: (settings.context_length > 0).then_some(settings.context_length),
             },
         };
         // An OpenAI-compatible server says nothing about its models, and
         // Ollama may not: embed one input and see, before a collection is
         // made for a size the model does not produce.
-        let info = if info.dimension == 0 || self.settings.provider == Provider::OpenAi {
-            let probe = self.request(&["dimension probe"]).await?;
+        let info = if info.dimension == 0 || settings.provider == Provider::OpenAi {
+            let probe = self
+                .on_an_endpoint(|url| self.client.request(url, &["dimension probe"]))
+                .await?;
             let probed = probe.first().map_or(0, Vec::len);
             if info.dimension != 0 && probed != info.dimension {
                 return Err(EmbedError::Permanent(format!(
                     "Embedding dimension mismatch: model {:?} returns {probed}-dimensional vectors, but embed.dimension is {}. Set embed.dimension to {probed} (or 0 to learn it).",
-                    self.settings.model, info.dimension
+                    settings.model, info.dimension
                 )));
             }
             ModelInfo {
@@ -141,7 +174,7 @@ impl Embedder {
         if info.dimension == 0 {
             return Err(EmbedError::Permanent(format!(
                 "The embedding server at {} answered with empty vectors for model {:?}.",
-                self.settings.url, self.settings.model
+                settings.url, settings.model
             )));
         }
         *cached = Some(info);
@@ -150,17 +183,25 @@ impl Embedder {
 
     /// Embeds `inputs` in one request (the caller keeps batches within
     /// `embed.batch_size` and `embed.batch_bytes`), retrying transient
-    /// failures up to `embed.tries` times in all.
+    /// failures up to `embed.tries` times in all. A failover to another
+    /// endpoint is not a try.
     pub async fn embed(&self, inputs: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let info = self.model().await?;
         let mut delay = Duration::from_millis(250);
         let mut tries = 0;
         loop {
             tries += 1;
-            match self.request(inputs).await {
-                Ok(vectors) => return self.check(inputs.len(), info.dimension, vectors),
+            let answer = self
+                .on_an_endpoint(|url| async move {
+                    let vectors = self.client.request(url, inputs).await?;
+                    self.client
+                        .check(url, inputs.len(), info.dimension, vectors)
+                })
+                .await;
+            match answer {
+                Ok(vectors) => return Ok(vectors),
                 Err(EmbedError::Transient(e) | EmbedError::Unavailable(e))
-                    if tries < self.settings.tries =>
+                    if tries < self.client.settings.tries =>
                 {
                     tracing::warn!(error = %e, tries, "embedding request failed; trying again");
                     tokio::time::sleep(delay).await;
@@ -171,38 +212,125 @@ impl Embedder {
         }
     }
 
+    /// Runs `call` on the endpoint [`Endpoints::pick`] chooses. An endpoint
+    /// that does not answer leaves the rotation (and is probed back) and
+    /// the call moves to another, as long as one is in rotation; a success
+    /// on an endpoint out of rotation puts it back.
+    async fn on_an_endpoint<'a, T, F, Fut>(&'a self, call: F) -> Result<T, EmbedError>
+    where
+        F: Fn(&'a str) -> Fut,
+        Fut: std::future::Future<Output = Result<T, EmbedError>> + 'a,
+    {
+        if self.endpoints.count() == 1 {
+            // Nothing to rotate: the job's retries and the queue's outage
+            // pause deal with the one server.
+            return call(self.endpoints.url(0)).await;
+        }
+        let mut failovers = 0;
+        loop {
+            let (index, in_flight) = self.endpoints.pick();
+            let url = self.endpoints.url(index);
+            let answer = call(url).await;
+            drop(in_flight);
+            match answer {
+                Err(EmbedError::Unavailable(e)) => {
+                    if self.endpoints.take_out(index, &e) {
+                        tracing::warn!(endpoint = url, error = %e, "embedding endpoint out of rotation; probing it until it embeds again");
+                        self.probe_back(index);
+                    }
+                    failovers += 1;
+                    if self.endpoints.in_rotation() == 0 || failovers >= self.endpoints.count() {
+                        return Err(EmbedError::Unavailable(e));
+                    }
+                }
+                other => {
+                    if other.is_ok() && self.endpoints.put_back(index) {
+                        tracing::info!(endpoint = url, "embedding endpoint back in rotation");
+                    }
+                    return other;
+                }
+            }
+        }
+    }
+
+    /// Probes an endpoint out of rotation with one short input, with
+    /// capped backoff, until it embeds (and is put back) or a request has
+    /// put it back meanwhile. Ends with the embedder.
+    fn probe_back(&self, index: usize) {
+        let client = Arc::clone(&self.client);
+        let endpoints = Arc::downgrade(&self.endpoints);
+        tokio::spawn(async move {
+            let mut wait = PROBE_FIRST;
+            loop {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(PROBE_CAP);
+                let Some(endpoints) = endpoints.upgrade() else {
+                    return;
+                };
+                if !endpoints.is_out(index) {
+                    return;
+                }
+                let url = endpoints.url(index).to_string();
+                if client.request(&url, &["docworker probe"]).await.is_ok()
+                    && endpoints.put_back(index)
+                {
+                    tracing::info!(endpoint = %url, "embedding endpoint back in rotation");
+                }
+                if !endpoints.is_out(index) {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// One endpoint, for `/readyz`.
+#[derive(Debug, Clone)]
+pub struct EndpointHealth {
+    pub url: String,
+    /// Out of rotation: since when and why.
+    pub out: Option<Out>,
+    /// Whether it answers HTTP now.
+    pub answer: Result<(), String>,
+}
+
+impl Client {
     fn check(
         &self,
+        url: &str,
         inputs: usize,
         dimension: usize,
         vectors: Vec<Vec<f32>>,
     ) -> Result<Vec<Vec<f32>>, EmbedError> {
         if vectors.len() != inputs {
             return Err(EmbedError::Transient(format!(
-                "The embedding server at {} returned {} vectors for {} inputs.",
-                self.settings.url,
+                "The embedding server at {url} returned {} vectors for {} inputs.",
                 vectors.len(),
                 inputs
             )));
         }
         if let Some(v) = vectors.iter().find(|v| v.len() != dimension) {
             return Err(EmbedError::Permanent(format!(
-                "Embedding dimension mismatch: model {:?} returned a {}-dimensional vector where {} was expected. Check embed.model and embed.dimension.",
+                "Embedding dimension mismatch: model {:?} returned a {}-dimensional vector where {} was expected. Check embed.model and embed.dimension{}.",
                 self.settings.model,
                 v.len(),
-                dimension
+                dimension,
+                if self.settings.urls().len() > 1 {
+                    format!(", and that every server in embed.url serves the same model (this one: {url})")
+                } else {
+                    String::new()
+                }
             )));
         }
         if vectors.iter().flatten().any(|x| !x.is_finite()) {
             return Err(EmbedError::Transient(format!(
-                "The embedding server at {} returned a vector with NaN or infinite values.",
-                self.settings.url
+                "The embedding server at {url} returned a vector with NaN or infinite values."
             )));
         }
         Ok(vectors)
     }
 
-    async fn show_ollama_model(&self) -> Result<ModelInfo, EmbedError> {
+    async fn show_ollama_model(&self, endpoint: &str) -> Result<ModelInfo, EmbedError> {
         #[derive(Deserialize)]
         struct Show {
             #[serde(default)]
@@ -210,15 +338,14 @@ impl Embedder {
             #[serde(default)]
             model_info: serde_json::Map<String, Value>,
         }
-        let url = format!("{}/api/show", self.base());
         let body = json!({ "model": self.settings.model });
-        let show: Show = self.post(&url, &body).await?;
+        let show: Show = self.post(endpoint, "/api/show", &body).await?;
         if let Some(caps) = &show.capabilities {
             if !caps.iter().any(|c| c == "embedding") {
                 return Err(EmbedError::Permanent(format!(
                     "Model {:?} on Ollama at {} is not an embedding model (it can do: {}). Set embed.model to an embedding model such as nomic-embed-text, and `ollama pull` it.",
                     self.settings.model,
-                    self.settings.url,
+                    endpoint,
                     caps.join(", ")
                 )));
             }
@@ -236,14 +363,13 @@ impl Embedder {
         })
     }
 
-    async fn request(&self, inputs: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    async fn request(&self, endpoint: &str, inputs: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
         match self.settings.provider {
             Provider::Ollama => {
                 #[derive(Deserialize)]
                 struct Answer {
                     embeddings: Vec<Vec<f32>>,
                 }
-                let url = format!("{}/api/embed", self.base());
                 let body = json!({
                     "model": self.settings.model,
                     "input": inputs,
@@ -251,7 +377,7 @@ impl Embedder {
                     "truncate": false,
                     "keep_alive": format!("{}s", self.settings.keep_alive.as_secs()),
                 });
-                let answer: Answer = self.post(&url, &body).await?;
+                let answer: Answer = self.post(endpoint, "/api/embed", &body).await?;
                 Ok(answer.embeddings)
             }
             Provider::OpenAi => {
@@ -264,33 +390,25 @@ impl Embedder {
                 struct Answer {
                     data: Vec<Item>,
                 }
-                let url = format!("{}/v1/embeddings", self.base());
                 let body = json!({ "model": self.settings.model, "input": inputs });
-                let mut answer: Answer = self.post(&url, &body).await?;
+                let mut answer: Answer = self.post(endpoint, "/v1/embeddings", &body).await?;
                 answer.data.sort_by_key(|i| i.index);
                 Ok(answer.data.into_iter().map(|i| i.embedding).collect())
             }
         }
     }
 
-    fn base(&self) -> &str {
-        self.settings.url.trim_end_matches('/')
-    }
-
     async fn post<T: serde::de::DeserializeOwned>(
         &self,
-        url: &str,
+        endpoint: &str,
+        path: &str,
         body: &Value,
     ) -> Result<T, EmbedError> {
-        let mut request = self.http.post(url).json(body);
+        let mut request = self.http.post(format!("{endpoint}{path}")).json(body);
         if !self.settings.api_key.is_empty() {
             request = request.bearer_auth(&self.settings.api_key);
         }
-        let op = if url.ends_with("/api/show") {
-            "show"
-        } else {
-            "embed"
-        };
+        let op = if path == "/api/show" { "show" } else { "embed" };
         let started = Instant::now();
         let answer = async {
             let response = request.send().await?;
@@ -304,19 +422,18 @@ impl Embedder {
             matches!(&answer, Ok((status, _)) if status.is_success()),
             started.elapsed(),
         );
-        let (status, text) = answer.map_err(|e| self.unreachable(e))?;
+        let (status, text) = answer.map_err(|e| self.unreachable(endpoint, e))?;
         if !status.is_success() {
-            return Err(self.classify(status.as_u16(), &error_message(&text)));
+            return Err(self.classify(endpoint, status.as_u16(), &error_message(&text)));
         }
         serde_json::from_str(&text).map_err(|e| {
             EmbedError::Transient(format!(
-                "The embedding server at {} sent an answer docworker could not read ({e}).",
-                self.settings.url
+                "The embedding server at {endpoint} sent an answer docworker could not read ({e})."
             ))
         })
     }
 
-    fn unreachable(&self, e: reqwest::Error) -> EmbedError {
+    fn unreachable(&self, endpoint: &str, e: reqwest::Error) -> EmbedError {
         let what = if e.is_timeout() {
             format!(
                 "did not answer within embed.timeout ({:?})",
@@ -328,8 +445,7 @@ impl Embedder {
             "failed mid-request".to_string()
         };
         EmbedError::Unavailable(format!(
-            "The embedding server at {} {what}: {}",
-            self.settings.url,
+            "The embedding server at {endpoint} {what}: {}",
             source_chain(&e)
         ))
     }
@@ -337,10 +453,9 @@ impl Embedder {
     /// Sorts a failed answer by what retrying can do about it. Ollama sends
     /// runner failures (out of memory, a crashed runner) as 400 too, so its
     /// 400s are read by message, not code.
-    fn classify(&self, status: u16, message: &str) -> EmbedError {
+    fn classify(&self, url: &str, status: u16, message: &str) -> EmbedError {
         let lower = message.to_lowercase();
         let model = &self.settings.model;
-        let url = &self.settings.url;
         let too_long = lower.contains("context length")
             || lower.contains("input length")
             || lower.contains("too long")
@@ -412,6 +527,12 @@ mod tests {
         let mut s = crate::config::Settings::load(None).unwrap().embed;
         s.provider = provider;
         Embedder::new(&s).unwrap()
+    }
+
+    impl Embedder {
+        fn classify(&self, status: u16, message: &str) -> EmbedError {
+            self.client.classify("http://x", status, message)
+        }
     }
 
     #[test]

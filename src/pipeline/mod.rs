@@ -13,6 +13,7 @@
 pub mod chroma;
 pub mod chunk;
 pub mod embed;
+pub mod endpoints;
 pub mod parse;
 pub mod parser_process;
 pub mod record;
@@ -27,11 +28,11 @@ use tokio::sync::mpsc;
 
 use crate::config::{FileSettings, Settings};
 use crate::queue::completer::AfterCommit;
-use crate::queue::{JobContext, JobError, JobSpec};
+use crate::queue::{Check, JobContext, JobError, JobSpec};
 use crate::store::Stage;
 use chroma::{ChromaStore, Collection, Record};
 use chunk::{Chunk, Chunker, Sizer};
-use embed::{EmbedError, Embedder};
+use embed::{EmbedError, Embedder, EndpointHealth};
 use parser_process::ParserProcess;
 use record::{user_metadata, ChunkMeta};
 use source::Disposal;
@@ -129,9 +130,39 @@ impl Pipeline {
         }
     }
 
-    /// For readiness: does the embedding server answer?
-    pub async fn embedder_reachable(&self) -> Result<(), String> {
-        self.embedder.reachable().await
+    /// For readiness: do the embedding servers answer? Ready while one in
+    /// rotation does; with several, the detail names each.
+    pub async fn embedder_reachable(&self) -> Check {
+        let endpoints = self.embedder.reachable().await;
+        let usable = |e: &EndpointHealth| e.out.is_none() && e.answer.is_ok();
+        let ok = endpoints.iter().any(usable);
+        if let [only] = endpoints.as_slice() {
+            let result = match (&only.answer, &only.out) {
+                (Err(e), _) => Err(e.clone()),
+                (Ok(()), Some(out)) => Err(out_of_rotation(out)),
+                (Ok(()), None) => Ok(()),
+            };
+            return Check::new(EMBEDDER, result);
+        }
+        let each: Vec<String> = endpoints
+            .iter()
+            .map(|e| match (&e.answer, &e.out) {
+                (_, Some(out)) => format!("{} {}", e.url, out_of_rotation(out)),
+                (Err(why), None) => format!("{} {why}", e.url),
+                (Ok(()), None) => format!("{} ok", e.url),
+            })
+            .collect();
+        let detail = format!(
+            "{} of {} endpoints in use; {}",
+            endpoints.iter().filter(|e| usable(e)).count(),
+            endpoints.len(),
+            each.join("; ")
+        );
+        Check {
+            name: EMBEDDER,
+            ok,
+            detail,
+        }
     }
 
     /// After an outage: does the embedder embed again?
@@ -570,6 +601,17 @@ fn capitalise(s: &str) -> String {
     c.next()
         .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
         .unwrap_or_default()
+}
+
+/// "out of rotation since … UTC (Ns): error", for `/readyz`.
+fn out_of_rotation(out: &endpoints::Out) -> String {
+    let since = humantime::format_rfc3339_seconds(out.since).to_string();
+    let age = out.since.elapsed().unwrap_or_default().as_secs();
+    format!(
+        "out of rotation since {} UTC ({age}s), probed until it embeds; last error: {}",
+        since.trim_end_matches('Z').replace('T', " "),
+        out.error
+    )
 }
 
 #[cfg(test)]

@@ -81,24 +81,7 @@ impl Health {
     /// Every readiness check, run concurrently.
     /// The queue's own (database, LISTEN) and then the handler's.
     pub async fn readiness(&self, pool: &Pool, handler: &dyn TaskHandler) -> Vec<Check> {
-        let database = async {
-            let result = tokio::time::timeout(CHECK_TIMEOUT, async {
-                let client = pool.get().await.map_err(|e| e.to_string())?;
-                client
-                    .simple_query("SELECT 1")
-                    .await
-                    .map_err(|e| e.to_string())
-            })
-            .await;
-            match result {
-                Ok(Ok(_)) => Check::new("database", Ok(())),
-                Ok(Err(e)) => Check::new("database", Err(e)),
-                Err(_) => Check::new(
-                    "database",
-                    Err(format!("no answer within {CHECK_TIMEOUT:?}")),
-                ),
-            }
-        };
+        let database = database(pool);
         let listener = async {
             let state = if !self.listen || self.listening.load(Ordering::Relaxed) {
                 Ok(())
@@ -111,6 +94,26 @@ impl Health {
         let mut checks = vec![a, b];
         checks.append(&mut theirs);
         checks
+    }
+}
+
+/// `SELECT 1` on a pooled connection within [`CHECK_TIMEOUT`].
+pub async fn database(pool: &Pool) -> Check {
+    let result = tokio::time::timeout(CHECK_TIMEOUT, async {
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    match result {
+        Ok(Ok(_)) => Check::new("database", Ok(())),
+        Ok(Err(e)) => Check::new("database", Err(e)),
+        Err(_) => Check::new(
+            "database",
+            Err(format!("no answer within {CHECK_TIMEOUT:?}")),
+        ),
     }
 }
 

@@ -84,11 +84,14 @@ impl TaskHandler for DocumentTasks {
     fn readiness(&self) -> BoxFuture<'_, Vec<Check>> {
         async move {
             let (embedder, chroma) = tokio::join!(
-                timed(self.pipeline.embedder_reachable()),
+                tokio::time::timeout(CHECK_TIMEOUT, self.pipeline.embedder_reachable()),
                 timed(self.pipeline.chroma_reachable())
             );
+            let embedder = embedder.unwrap_or_else(|_| {
+                Check::new(EMBEDDER, Err(format!("no answer within {CHECK_TIMEOUT:?}")))
+            });
             vec![
-                Check::new(EMBEDDER, embedder),
+                embedder,
                 Check::new(CHROMA, chroma),
                 Check::new(UPLOADS, self.pipeline.upload_root_present()),
             ]

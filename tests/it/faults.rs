@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::harness::{self, WorkerProcess};
 use crate::services::{self, Chroma, EmbedServer};
 use crate::stack::{Stack, JOB_DEADLINE};
+use crate::support::prose;
 
 // Helpers --------------------------------------------------------------------
 
@@ -152,52 +153,6 @@ fn small_chunks(stack: &mut Stack, size: usize) {
     stack
         .set("DOCWORKER__CHUNK__SIZE", &size.to_string())
         .set("DOCWORKER__CHUNK__OVERLAP", "0");
-}
-
-/// `n` sentences of plain English prose (about 75 bytes each), in
-/// paragraphs of six; `tag` makes two texts differ throughout.
-fn prose(n: usize, tag: &str) -> String {
-    const WHO: [&str; 8] = [
-        "The old lighthouse keeper",
-        "A young botanist",
-        "The river pilot",
-        "Our neighbour's cat",
-        "The village baker",
-        "A travelling musician",
-        "The night watchman",
-        "The harbour master",
-    ];
-    const DID: [&str; 6] = [
-        "counted the gulls on",
-        "painted a picture of",
-        "walked slowly along",
-        "wrote a long letter about",
-        "told a strange story about",
-        "repaired the fence near",
-    ];
-    const WHERE: [&str; 7] = [
-        "the northern pier",
-        "the chalk cliffs",
-        "the market square",
-        "the flooded meadow",
-        "the old stone bridge",
-        "the pine forest",
-        "the empty railway station",
-    ];
-    let mut out = String::new();
-    for i in 0..n {
-        if i > 0 {
-            out.push_str(if i % 6 == 0 { "\n\n" } else { " " });
-        }
-        out.push_str(&format!(
-            "{tag}{} {} {} on day {}.",
-            WHO[i % WHO.len()],
-            DID[i % DID.len()],
-            WHERE[i % WHERE.len()],
-            i + 1
-        ));
-    }
-    out
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -17,6 +17,7 @@ mod inputs;
 mod operate;
 mod pipeline;
 mod providers;
+mod scale_out;
 mod schema;
 mod semantics;
 mod smoke;

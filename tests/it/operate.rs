@@ -30,13 +30,18 @@ async fn get(url: &str) -> (u16, String) {
 
 /// Asks `/readyz` until `done(status, body)`; fails the test after [`UP`].
 async fn readyz_until(base: &str, done: impl Fn(u16, &str) -> bool) -> (u16, String) {
+    get_until(base, "/readyz", done).await
+}
+
+/// Asks `{base}{path}` until `done(status, body)`; fails the test after [`UP`].
+async fn get_until(base: &str, path: &str, done: impl Fn(u16, &str) -> bool) -> (u16, String) {
     let start = Instant::now();
     loop {
-        let (status, body) = get(&format!("{base}/readyz")).await;
+        let (status, body) = get(&format!("{base}{path}")).await;
         if done(status, &body) {
             return (status, body);
         }
-        assert!(start.elapsed() < UP, "readiness stuck at {status}: {body}");
+        assert!(start.elapsed() < UP, "{path} stuck at {status}: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -204,6 +209,60 @@ async fn not_ready_without_chroma_yet_alive_and_health_commands_say_so() {
     ] {
         assert!(out.contains(line), "{out}");
     }
+}
+
+/// The image's HEALTHCHECK, `worker health --database`: the main loop turns
+/// and PostgreSQL answers. A database that refuses connections fails it
+/// while plain liveness holds (restarting would not help); it passes again
+/// once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_with_the_database_follows_the_database() {
+    let mut stack = Stack::new().await;
+    let base = with_listener(&mut stack);
+    let worker = stack.worker();
+    worker.wait_log("ready", UP).await;
+    let (status, body) = get_until(&base, "/healthz?with=database", |s, _| s == 200).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "main loop: ok\ndatabase: ok\n")
+    );
+    let (code, out, _) = stack.run(&["health", "--database"]);
+    assert_eq!(code, 0, "{out}");
+    let (status, body) = get(&format!("{base}/healthz?with=chroma")).await;
+    assert_eq!(status, 400, "{body}");
+
+    let dbname: String = stack
+        .db
+        .client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let admin = harness::connect(harness::shared().admin_url()).await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{dbname}\" ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = '{dbname}' AND pid <> pg_backend_pid();"
+        ))
+        .await
+        .unwrap();
+    let (_, body) = get_until(&base, "/healthz?with=database", |s, _| s == 503).await;
+    assert!(body.starts_with("main loop: ok\ndatabase: "), "{body}");
+    let (status, body) = get(&format!("{base}/healthz")).await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"), "liveness holds");
+    let (code, out, _) = stack.run(&["health", "--database"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(stack.run(&["health"]).0, 0);
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{dbname}\" ALLOW_CONNECTIONS true"
+        ))
+        .await
+        .unwrap();
+    get_until(&base, "/healthz?with=database", |s, _| s == 200).await;
+    assert_eq!(stack.run(&["health", "--database"]).0, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

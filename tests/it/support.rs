@@ -174,3 +174,49 @@ pub fn plan_nodes<'a>(node: &'a Value, out: &mut Vec<&'a Value>) {
         }
     }
 }
+
+/// `n` sentences of plain English prose (about 75 bytes each), in
+/// paragraphs of six; `tag` makes two texts differ throughout.
+pub fn prose(n: usize, tag: &str) -> String {
+    const WHO: [&str; 8] = [
+        "The old lighthouse keeper",
+        "A young botanist",
+        "The river pilot",
+        "Our neighbour's cat",
+        "The village baker",
+        "A travelling musician",
+        "The night watchman",
+        "The harbour master",
+    ];
+    const DID: [&str; 6] = [
+        "counted the gulls on",
+        "painted a picture of",
+        "walked slowly along",
+        "wrote a long letter about",
+        "told a strange story about",
+        "repaired the fence near",
+    ];
+    const WHERE: [&str; 7] = [
+        "the northern pier",
+        "the chalk cliffs",
+        "the market square",
+        "the flooded meadow",
+        "the old stone bridge",
+        "the pine forest",
+        "the empty railway station",
+    ];
+    let mut out = String::new();
+    for i in 0..n {
+        if i > 0 {
+            out.push_str(if i % 6 == 0 { "\n\n" } else { " " });
+        }
+        out.push_str(&format!(
+            "{tag}{} {} {} on day {}.",
+            WHO[i % WHO.len()],
+            DID[i % DID.len()],
+            WHERE[i % WHERE.len()],
+            i + 1
+        ));
+    }
+    out
+}

@@ -98,25 +98,39 @@ impl Services {
 
     /// The embedding server's counters, when it has `/_stats` (the test
     /// server does; Ollama does not).
-    pub(crate) async fn embed_stats(&self, url: &str) -> Option<Value> {
-        let r = self
-            .http
-            .get(format!("{}/_stats", url.trim_end_matches('/')))
-            .send()
-            .await
-            .ok()?;
-        if !r.status().is_success() {
-            return None;
+    /// With several servers (`url` a comma-separated list, as embed.url
+    /// takes it): the counters summed, the most in flight at once the
+    /// largest of them.
+    pub(crate) async fn embed_stats(&self, url: &str) -> Option<EmbedStats> {
+        let mut total = EmbedStats::default();
+        for url in url.split(',') {
+            let r = self
+                .http
+                .get(format!("{}/_stats", url.trim().trim_end_matches('/')))
+                .send()
+                .await
+                .ok()?;
+            if !r.status().is_success() {
+                return None;
+            }
+            let v: Value = r.json().await.ok()?;
+            let int = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+            total.requests += int("embed_requests");
+            total.inputs += int("inputs");
+            total.busy += v.get("busy_seconds").and_then(Value::as_f64).unwrap_or(0.0);
+            total.max_in_flight = total.max_in_flight.max(int("max_in_flight"));
         }
-        r.json().await.ok()
+        Some(total)
     }
 
     pub(crate) async fn reset_embed_stats(&self, url: &str) {
-        let _ = self
-            .http
-            .post(format!("{}/_stats/reset", url.trim_end_matches('/')))
-            .send()
-            .await;
+        for url in url.split(',') {
+            let _ = self
+                .http
+                .post(format!("{}/_stats/reset", url.trim().trim_end_matches('/')))
+                .send()
+                .await;
+        }
     }
 
     pub(crate) fn new_collection(&self, label: &str) -> String {
@@ -139,10 +153,22 @@ impl Services {
     }
 }
 
+/// The test embedding servers' `/_stats`, summed over the servers.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct EmbedStats {
+    pub(crate) requests: u64,
+    pub(crate) inputs: u64,
+    /// Seconds in the model.
+    pub(crate) busy: f64,
+    pub(crate) max_in_flight: u64,
+}
+
 /// One end-to-end run's figures.
 pub(crate) struct E2eRun {
     pub(crate) label: String,
-    pub(crate) embedder: &'static str,
+    pub(crate) embedder: String,
+    /// Embedding servers the worker spread its requests over.
+    pub(crate) servers: usize,
     pub(crate) docs: usize,
     pub(crate) bytes: usize,
     pub(crate) chunks: i64,
@@ -152,16 +178,18 @@ pub(crate) struct E2eRun {
     /// The worker's RSS plus its parser processes', at the sample where the
     /// sum was highest (KiB), and the largest parser process's VmHWM.
     pub(crate) parsers_peak_kib: (u64, u64),
-    /// (requests, inputs, busy seconds, most requests in flight at once).
-    pub(crate) embed: Option<(u64, u64, f64, u64)>,
+    /// What the embedding servers counted over the drain.
+    pub(crate) embed: Option<EmbedStats>,
 }
 
 impl E2eRun {
     pub(crate) fn mb(&self) -> f64 {
         self.bytes as f64 / 1e6
     }
+    /// The servers' time in the model over the drain, per server.
     pub(crate) fn utilisation(&self) -> Option<f64> {
-        self.embed.map(|(_, _, busy, _)| busy / self.wall)
+        self.embed
+            .map(|e| e.busy / self.wall / self.servers.max(1) as f64)
     }
 }
 
@@ -191,7 +219,7 @@ pub(crate) async fn end_to_end(
                 root,
                 Drain {
                     label: "text",
-                    embedder: "instant",
+                    embedder: "instant".to_string(),
                     embed_url: &services.embed_url,
                     concurrency: args.concurrency,
                     docs,
@@ -201,28 +229,42 @@ pub(crate) async fn end_to_end(
         );
     }
 
-    if let Some(url) = services
+    // The real model: on the first server, and then on all of them when
+    // several are given (embed.url's comma-separated list), with the same
+    // documents, so the two throughputs compare.
+    if let Some(urls) = services
         .real_embed_url
         .as_ref()
         .filter(|_| args.real_docs > 0)
     {
+        let servers: Vec<&str> = urls.split(',').map(str::trim).collect();
         let docs = text_docs(&mut gen, args.real_docs, args.doc_kb * 1000);
-        runs.push(
-            drain(
-                &client,
-                db_settings,
-                services,
-                root,
-                Drain {
-                    label: "text",
-                    embedder: "real model",
-                    embed_url: url,
-                    concurrency: args.concurrency,
-                    docs,
-                },
-            )
-            .await?,
-        );
+        let mut setups = vec![(servers[0].to_string(), 1)];
+        if servers.len() > 1 {
+            setups.push((servers.join(","), servers.len()));
+        }
+        for (embed_url, n) in setups {
+            runs.push(
+                drain(
+                    &client,
+                    db_settings,
+                    services,
+                    root,
+                    Drain {
+                        label: "text",
+                        embedder: if n == 1 {
+                            "real model".to_string()
+                        } else {
+                            format!("real x{n}")
+                        },
+                        embed_url: &embed_url,
+                        concurrency: args.concurrency,
+                        docs: docs.clone(),
+                    },
+                )
+                .await?,
+            );
+        }
     }
 
     if args.pdf_jobs > 0 {
@@ -238,7 +280,7 @@ pub(crate) async fn end_to_end(
                 root,
                 Drain {
                     label: "pdf",
-                    embedder: "instant",
+                    embedder: "instant".to_string(),
                     embed_url: &services.embed_url,
                     concurrency: args.pdf_jobs,
                     docs,
@@ -268,10 +310,10 @@ pub(crate) async fn end_to_end(
     );
     for r in &runs {
         let (requests, busy) = match (r.embed, r.utilisation()) {
-            (Some((req, _, _, _)), Some(u)) if r.embedder != "instant" => {
-                (req.to_string(), format!("{:.0}%", u * 100.0))
+            (Some(e), Some(u)) if r.embedder != "instant" => {
+                (e.requests.to_string(), format!("{:.0}%", u * 100.0))
             }
-            (Some((req, _, _, _)), _) => (req.to_string(), "n/a".into()),
+            (Some(e), _) => (e.requests.to_string(), "n/a".into()),
             _ => ("?".into(), "?".into()),
         };
         println!(
@@ -295,14 +337,15 @@ pub(crate) async fn end_to_end(
     println!(
         "(drain: from the INSERT of the jobs to the last completion; CPU: the worker process's user+system time over \
          the drain, which excludes embedding (another process); CPU %: of one core; peak: the worker's VmHWM; \
-         emb busy: the embedding server's time in the model over the drain, n/a for the instant embedder)"
+         emb busy: the embedding servers' time in the model over the drain, per server, n/a for the instant embedder; \
+         real xN: the real model on N servers, embed.url listing them all)"
     );
     Ok(runs)
 }
 
 struct Drain<'a> {
     pub(crate) label: &'static str,
-    pub(crate) embedder: &'static str,
+    pub(crate) embedder: String,
     pub(crate) embed_url: &'a str,
     pub(crate) concurrency: usize,
     /// (file name, content).
@@ -402,21 +445,18 @@ async fn drain(
         );
     }
     let embed = match (stats_before, stats_after) {
-        (Some(b), Some(a)) => {
-            let int = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-            let float = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-            Some((
-                int(&a, "embed_requests") - int(&b, "embed_requests"),
-                int(&a, "inputs") - int(&b, "inputs"),
-                float(&a, "busy_seconds") - float(&b, "busy_seconds"),
-                int(&a, "max_in_flight"),
-            ))
-        }
+        (Some(b), Some(a)) => Some(EmbedStats {
+            requests: a.requests - b.requests,
+            inputs: a.inputs - b.inputs,
+            busy: a.busy - b.busy,
+            max_in_flight: a.max_in_flight,
+        }),
         _ => None,
     };
     let result = E2eRun {
         label,
         embedder: run.embedder,
+        servers: run.embed_url.split(',').count(),
         docs: n_docs,
         bytes,
         chunks,
@@ -437,12 +477,16 @@ async fn drain(
         idle_rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
-    match result.embed {
-        Some((requests, inputs, busy, in_flight)) => println!(
-            "; embedder: {requests} requests, {inputs} inputs, {busy:.2} s in the model ({:.0}% of the drain), up to {in_flight} requests in flight",
-            busy / wall * 100.0
+    match (result.embed, result.utilisation()) {
+        (Some(e), Some(u)) => println!(
+            "; embedder: {} requests, {} inputs, {:.2} s in the model ({:.0}% of the drain per server), up to {} requests in flight",
+            e.requests,
+            e.inputs,
+            e.busy,
+            u * 100.0,
+            e.max_in_flight
         ),
-        None => println!("; the embedding server has no /_stats"),
+        _ => println!("; the embedding server has no /_stats"),
     }
     if parsers_peak_kib.1 > 0 {
         println!(

@@ -70,7 +70,9 @@ pub struct Args {
     #[arg(long)]
     pub embed_url: Option<String>,
     /// An embedding server running a real model: a smaller end-to-end run
-    /// against it shows whether the worker keeps it busy.
+    /// against it shows whether the worker keeps it busy. Several,
+    /// comma-separated: the run goes once on the first and once on all of
+    /// them, to show what the others add.
     #[arg(long)]
     pub real_embed_url: Option<String>,
     /// Default: chroma.url.
@@ -197,7 +199,8 @@ fn print_targets(parse: &[ParseRow], runs: &[E2eRun], pdf_run: Option<&E2eRun>) 
     for run in runs.iter().filter(|r| r.embedder != "instant") {
         if let Some(u) = run.utilisation() {
             println!(
-                "  embedder kept busy (>= 95% of the drain in the model): {:.1}%, {}",
+                "  embedder kept busy (>= 95% of the drain in the model, per server), {}: {:.1}%, {}",
+                run.embedder,
                 u * 100.0,
                 verdict(u >= 0.95)
             );

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use docworker::config::{LogFormat, Settings};
 use docworker::observe::telemetry;
+use docworker::ops::reload::ConfigSource;
 use docworker::ops::{admin, probe};
 use docworker::pipeline::parser_process;
 use docworker::queue::shutdown::Shutdown;
@@ -159,10 +160,14 @@ async fn dispatch(cli: Cli, settings: Settings) -> Result<ExitCode> {
         return once(&settings, cli.job).await;
     }
     match cli.command.unwrap_or(Command::Run { concurrency: None }) {
-        Command::Run { .. } => {
+        Command::Run { concurrency } => {
             let shutdown = Shutdown::new();
             shutdown.on_signals()?;
-            worker::run(&settings, shutdown).await?;
+            let source = ConfigSource {
+                file: cli.config.clone(),
+                concurrency_override: concurrency,
+            };
+            worker::run(&settings, source, shutdown).await?;
         }
         Command::Migrate => {
             let mut client = db::connect(&settings.database, "docworker migrate").await?;

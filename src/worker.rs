@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use deadpool_postgres::Pool;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Settings;
 use crate::db;
 use crate::observe::metrics;
+use crate::ops::dashboard::Dashboard;
 use crate::ops::http::StatusServer;
+use crate::ops::reload::{ConfigSource, Live, Reloader};
 use crate::ops::systemd;
 use crate::pipeline::Pipeline;
 use crate::queue::completer::{Completer, Finished};
@@ -63,8 +65,13 @@ struct Core {
     cancels: Arc<Notify>,
     executor: Arc<Executor>,
     handler: Arc<dyn TaskHandler>,
+    /// The handler's pipeline, for a reload's new embedder endpoints.
+    pipeline: Arc<Pipeline>,
     outages: Arc<Outages>,
     health: Arc<Health>,
+    /// What a reload may change while jobs run.
+    concurrency: watch::Sender<usize>,
+    retry: watch::Sender<RetryPolicy>,
     /// Stops the heartbeat, notifier, maintenance and HTTP listener at the
     /// very end.
     background: CancellationToken,
@@ -97,8 +104,9 @@ impl Core {
             }
             .run(background.clone()),
         );
+        let pipeline = Arc::new(Pipeline::new(settings)?);
         let handler: Arc<dyn TaskHandler> = Arc::new(DocumentTasks {
-            pipeline: Arc::new(Pipeline::new(settings)?),
+            pipeline: pipeline.clone(),
         });
         tokio::spawn({
             let handler = handler.clone();
@@ -129,8 +137,11 @@ impl Core {
             cancels,
             executor,
             handler,
+            pipeline,
             outages,
             health: Health::new(w.listen),
+            concurrency: watch::channel(w.concurrency).0,
+            retry: watch::channel(RetryPolicy::from_settings(&settings.retry)).0,
             background,
         }))
     }
@@ -138,7 +149,7 @@ impl Core {
     fn completer(&self, settings: &Settings) -> Completer {
         Completer::new(
             &self.worker_id,
-            RetryPolicy::from_settings(&settings.retry),
+            self.retry.subscribe(),
             settings.worker.lease_duration,
             self.handler.unkeyed_task_types(),
         )
@@ -180,8 +191,9 @@ fn refusal_code(e: &anyhow::Error) -> Option<String> {
         .find(|code| code.starts_with("28") || code == "3D000")
 }
 
-/// The daemon. Returns when a graceful shutdown has completed.
-pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
+/// The daemon. Returns when a graceful shutdown has completed. `source`
+/// is read again on SIGHUP.
+pub async fn run(settings: &Settings, source: ConfigSource, shutdown: Shutdown) -> Result<()> {
     // Before the handler is built, so that the gauges it sets are kept.
     let metrics = settings.http.enabled.then(metrics::install).transpose()?;
     let Some(core) = Core::start(settings, &shutdown).await? else {
@@ -189,15 +201,30 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
         return Ok(());
     };
     let w = &settings.worker;
+    let dashboard_token = watch::channel(settings.http.dashboard_token.clone()).0;
     if let Some(metrics) = metrics {
+        let dashboard = settings.http.dashboard.then(|| {
+            Arc::new(Dashboard {
+                pool: core.pool.clone(),
+                health: core.health.clone(),
+                handler: core.handler.clone(),
+                outages: core.outages.clone(),
+                pipeline: core.pipeline.clone(),
+                token: dashboard_token.subscribe(),
+                csrf: Dashboard::new_csrf(),
+                stop: core.background.clone(),
+                counts: Default::default(),
+            })
+        });
         StatusServer {
             health: core.health.clone(),
             pool: core.pool.clone(),
             handler: core.handler.clone(),
             outages: core.outages.clone(),
             running: core.running.clone(),
-            concurrency: w.concurrency,
+            concurrency: core.concurrency.subscribe(),
             metrics,
+            dashboard,
         }
         .start(settings.http.address, core.background.clone())
         .await?;
@@ -230,11 +257,23 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<()> {
         .run(core.background.clone()),
     );
 
+    Reloader {
+        source,
+        current: settings.clone(),
+        live: Live {
+            concurrency: core.concurrency.clone(),
+            retry: core.retry.clone(),
+            pipeline: core.pipeline.clone(),
+            dashboard_token,
+        },
+    }
+    .on_sighup(core.background.clone())?;
+
     let abandon = CancellationToken::new();
     let mut producer = tokio::spawn(
         Producer {
             pool: core.pool.clone(),
-            concurrency: w.concurrency,
+            concurrency: core.concurrency.subscribe(),
             executor: core.executor.clone(),
             running: core.running.clone(),
             completer: core.completer(settings),

@@ -42,15 +42,11 @@ pub async fn measure(
     concurrency: usize,
 ) -> Result<Vec<BacklogFigures>> {
     let pool = db::pool(db_settings, "docworker bench claimer")?;
-    let cycle = WriteCycle::new(
-        "bench-claimer",
-        Backoff {
-            base_secs: 5.0,
-            max_secs: 600.0,
-        },
-        Duration::from_secs(30),
-        &["noop"],
-    );
+    let cycle = WriteCycle::new("bench-claimer", Duration::from_secs(30), &["noop"]);
+    let backoff = Backoff {
+        base_secs: 5.0,
+        max_secs: 600.0,
+    };
     let mut figures = Vec::new();
     for &pending in sizes {
         sql::truncate(client).await?;
@@ -67,7 +63,7 @@ pub async fn measure(
                 })
                 .collect();
             let started = Instant::now();
-            let done = cycle.run(&pool, &ended, CLAIM, &[]).await?;
+            let done = cycle.run(&pool, &ended, backoff, CLAIM, &[]).await?;
             times.push(started.elapsed().as_secs_f64() * 1000.0);
             claimed = done.claimed.iter().map(|j| j.key).collect();
         }

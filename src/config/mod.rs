@@ -172,6 +172,10 @@ pub struct ChromaSettings {
 pub struct HttpSettings {
     pub enabled: bool,
     pub address: std::net::SocketAddr,
+    /// The web dashboard under `/ui/`.
+    pub dashboard: bool,
+    /// Bearer token for the dashboard's actions; empty: read-only.
+    pub dashboard_token: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -249,6 +253,17 @@ impl Settings {
             !self.database.url.trim().is_empty(),
             "database.url",
             "must not be empty".into(),
+        )?;
+        let h = &self.http;
+        check(
+            !h.dashboard || h.enabled,
+            "http.dashboard",
+            "needs http.enabled = true: the dashboard is served by the HTTP listener".into(),
+        )?;
+        check(
+            h.dashboard_token.is_empty() || h.dashboard_token.trim().len() >= 16,
+            "http.dashboard_token",
+            "must be at least 16 characters (or empty: a read-only dashboard)".into(),
         )?;
         check(
             self.database.password_file.as_os_str().is_empty()

@@ -29,6 +29,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::observe::metrics;
+use crate::ops::dashboard::{self, Dashboard};
 use crate::queue::health::{self, Health};
 use crate::queue::outage::Outages;
 use crate::queue::running::RunningJobs;
@@ -49,8 +50,11 @@ pub struct StatusServer {
     /// Dependencies this process found down, which override a fresh check.
     pub outages: Arc<Outages>,
     pub running: Arc<RunningJobs>,
-    pub concurrency: usize,
+    /// The slots; a reload may change them.
+    pub concurrency: tokio::sync::watch::Receiver<usize>,
     pub metrics: PrometheusHandle,
+    /// The web dashboard under `/ui/`, when `http.dashboard` is on.
+    pub dashboard: Option<Arc<Dashboard>>,
 }
 
 impl StatusServer {
@@ -60,13 +64,19 @@ impl StatusServer {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen on http.address {address}"))?;
-        tracing::info!(%address, "HTTP listener up: /healthz /readyz /metrics");
         let upkeep = self.metrics.clone();
-        let router = Router::new()
+        let dashboard = self.dashboard.clone();
+        let mut router = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/metrics", get(scrape))
             .with_state(self);
+        if let Some(d) = dashboard {
+            router = router.merge(dashboard::routes(d));
+            tracing::info!(%address, "HTTP listener up: /healthz /readyz /metrics, dashboard at /ui/");
+        } else {
+            tracing::info!(%address, "HTTP listener up: /healthz /readyz /metrics");
+        }
         tokio::spawn({
             let stop = stop.clone();
             async move {
@@ -80,7 +90,9 @@ impl StatusServer {
             }
         });
         tokio::spawn(async move {
-            let served = axum::serve(listener, router)
+            // The dashboard logs who asked for an action.
+            let app = router.into_make_service_with_connect_info::<SocketAddr>();
+            let served = axum::serve(listener, app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await;
             if let Err(e) = served {
@@ -120,16 +132,28 @@ async fn healthz(State(s): State<StatusServer>, RawQuery(query): RawQuery) -> Re
     }
 }
 
-async fn readyz(State(s): State<StatusServer>) -> Response {
-    let mut checks = s.health.readiness(&s.pool, s.handler.as_ref()).await;
-    // A service whose probe has not yet answered keeps its jobs paused,
-    // whatever a fresh check says: not ready until the worker resumes them.
-    for (name, detail) in s.outages.describe() {
+/// The readiness checks, with the dependencies this process found down
+/// overriding a fresh check: a service whose probe has not yet answered
+/// keeps its jobs paused whatever a fresh check says, so it is not ready
+/// until the worker resumes them. `/readyz` and the dashboard show these.
+pub async fn readiness(
+    health: &Health,
+    pool: &Pool,
+    handler: &dyn TaskHandler,
+    outages: &Outages,
+) -> Vec<Check> {
+    let mut checks = health.readiness(pool, handler).await;
+    for (name, detail) in outages.describe() {
         match checks.iter_mut().find(|c| c.name == name) {
             Some(c) => *c = Check::new(c.name, Err(detail)),
             None => checks.push(Check::new(name, Err(detail))),
         }
     }
+    checks
+}
+
+async fn readyz(State(s): State<StatusServer>) -> Response {
+    let checks = readiness(&s.health, &s.pool, s.handler.as_ref(), &s.outages).await;
     let mut body = String::new();
     for c in &checks {
         let _ = writeln!(body, "{}: {}", c.name, c.detail);
@@ -156,7 +180,7 @@ async fn scrape(State(s): State<StatusServer>) -> Response {
         }
         Err(_) => metrics::set_queue(None),
     }
-    metrics::set_slots(s.running.len(), s.concurrency);
+    metrics::set_slots(s.running.len(), *s.concurrency.borrow());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

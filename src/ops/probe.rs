@@ -189,6 +189,8 @@ docworker_job_duration_seconds_count{task_type=\"noop\",outcome=\"completed\"} 4
         let http = HttpSettings {
             enabled: true,
             address: "0.0.0.0:9187".parse().unwrap(),
+            dashboard: false,
+            dashboard_token: String::new(),
         };
         assert_eq!(daemon_url(&http).unwrap(), "http://127.0.0.1:9187");
         let off = HttpSettings {

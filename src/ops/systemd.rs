@@ -1,5 +1,6 @@
 //! Talking to systemd under `Type=notify`: `READY=1` once the database and
-//! the LISTEN connection are up, `STOPPING=1` when shutdown begins, and
+//! the LISTEN connection are up (and again after a reload, which
+//! `RELOADING=1` begins), `STOPPING=1` when shutdown begins, and
 //! `WATCHDOG=1` only while the main loop turns.
 //!
 //! Outside systemd (no `$NOTIFY_SOCKET`) every call here does nothing.
@@ -13,6 +14,15 @@ use crate::queue::health::{Health, BEAT_EVERY};
 
 pub fn ready() {
     send(&[NotifyState::Ready, NotifyState::Status("running jobs")]);
+}
+
+/// Between `RELOADING=1` and the next `READY=1` systemd holds
+/// `systemctl reload` (and other jobs) back.
+pub fn reloading() {
+    send(&[
+        NotifyState::Reloading,
+        NotifyState::Status("reloading the configuration"),
+    ]);
 }
 
 pub fn stopping() {

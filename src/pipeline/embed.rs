@@ -55,7 +55,8 @@ impl EmbedError {
 
 pub struct Embedder {
     client: Arc<Client>,
-    endpoints: Arc<Endpoints>,
+    /// Replaced whole by a reload that changes `embed.url`.
+    endpoints: std::sync::RwLock<Arc<Endpoints>>,
     info: Mutex<Option<ModelInfo>>,
 }
 
@@ -81,7 +82,7 @@ impl Embedder {
                 http,
                 settings: settings.clone(),
             }),
-            endpoints: Arc::new(Endpoints::new(settings.urls())),
+            endpoints: std::sync::RwLock::new(Arc::new(Endpoints::new(settings.urls()))),
             info: Mutex::new(None),
         })
     }
@@ -90,7 +91,7 @@ impl Embedder {
     /// readiness probes, which must not load a model. In `embed.url`'s
     /// order, with the endpoint's rotation state.
     pub async fn reachable(&self) -> Vec<EndpointHealth> {
-        let states = self.endpoints.states();
+        let states = self.endpoints().states();
         let answers = futures_util::future::join_all(states.iter().map(|(url, _)| async move {
             match self.client.http.get(url).send().await {
                 Ok(_) => Ok(()),
@@ -111,10 +112,22 @@ impl Embedder {
     /// request.
     pub async fn probe(&self) -> Result<(), String> {
         self.model().await.map_err(EmbedError::message)?;
-        self.on_an_endpoint(|url| self.client.request(url, &["docworker probe"]))
-            .await
-            .map(drop)
-            .map_err(EmbedError::message)
+        self.on_an_endpoint(
+            |url| async move { self.client.request(&url, &["docworker probe"]).await },
+        )
+        .await
+        .map(drop)
+        .map_err(EmbedError::message)
+    }
+
+    fn endpoints(&self) -> Arc<Endpoints> {
+        Arc::clone(&self.endpoints.read().unwrap())
+    }
+
+    /// A reload's new `embed.url`: requests from now on go to these
+    /// servers, all in rotation; requests under way finish where they are.
+    pub fn set_urls(&self, urls: Vec<String>) {
+        *self.endpoints.write().unwrap() = Arc::new(Endpoints::new(urls));
     }
 
     pub fn model_name(&self) -> &str {
@@ -142,7 +155,7 @@ impl Embedder {
         let settings = &self.client.settings;
         let info = match settings.provider {
             Provider::Ollama => {
-                self.on_an_endpoint(|url| self.client.show_ollama_model(url))
+                self.on_an_endpoint(|url| async move { self.client.show_ollama_model(&url).await })
                     .await?
             }
             Provider::OpenAi => ModelInfo {
@@ -155,7 +168,9 @@ impl Embedder {
         // made for a size the model does not produce.
         let info = if info.dimension == 0 || settings.provider == Provider::OpenAi {
             let probe = self
-                .on_an_endpoint(|url| self.client.request(url, &["dimension probe"]))
+                .on_an_endpoint(|url| async move {
+                    self.client.request(&url, &["dimension probe"]).await
+                })
                 .await?;
             let probed = probe.first().map_or(0, Vec::len);
             if info.dimension != 0 && probed != info.dimension {
@@ -193,9 +208,9 @@ impl Embedder {
             tries += 1;
             let answer = self
                 .on_an_endpoint(|url| async move {
-                    let vectors = self.client.request(url, inputs).await?;
+                    let vectors = self.client.request(&url, inputs).await?;
                     self.client
-                        .check(url, inputs.len(), info.dimension, vectors)
+                        .check(&url, inputs.len(), info.dimension, vectors)
                 })
                 .await;
             match answer {
@@ -216,35 +231,36 @@ impl Embedder {
     /// that does not answer leaves the rotation (and is probed back) and
     /// the call moves to another, as long as one is in rotation; a success
     /// on an endpoint out of rotation puts it back.
-    async fn on_an_endpoint<'a, T, F, Fut>(&'a self, call: F) -> Result<T, EmbedError>
+    async fn on_an_endpoint<T, F, Fut>(&self, call: F) -> Result<T, EmbedError>
     where
-        F: Fn(&'a str) -> Fut,
-        Fut: std::future::Future<Output = Result<T, EmbedError>> + 'a,
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, EmbedError>>,
     {
-        if self.endpoints.count() == 1 {
+        let endpoints = self.endpoints();
+        if endpoints.count() == 1 {
             // Nothing to rotate: the job's retries and the queue's outage
             // pause deal with the one server.
-            return call(self.endpoints.url(0)).await;
+            return call(endpoints.url(0).to_string()).await;
         }
         let mut failovers = 0;
         loop {
-            let (index, in_flight) = self.endpoints.pick();
-            let url = self.endpoints.url(index);
-            let answer = call(url).await;
+            let (index, in_flight) = endpoints.pick();
+            let url = endpoints.url(index);
+            let answer = call(url.to_string()).await;
             drop(in_flight);
             match answer {
                 Err(EmbedError::Unavailable(e)) => {
-                    if self.endpoints.take_out(index, &e) {
+                    if endpoints.take_out(index, &e) {
                         tracing::warn!(endpoint = url, error = %e, "embedding endpoint out of rotation; probing it until it embeds again");
-                        self.probe_back(index);
+                        self.probe_back(&endpoints, index);
                     }
                     failovers += 1;
-                    if self.endpoints.in_rotation() == 0 || failovers >= self.endpoints.count() {
+                    if endpoints.in_rotation() == 0 || failovers >= endpoints.count() {
                         return Err(EmbedError::Unavailable(e));
                     }
                 }
                 other => {
-                    if other.is_ok() && self.endpoints.put_back(index) {
+                    if other.is_ok() && endpoints.put_back(index) {
                         tracing::info!(endpoint = url, "embedding endpoint back in rotation");
                     }
                     return other;
@@ -256,9 +272,9 @@ impl Embedder {
     /// Probes an endpoint out of rotation with one short input, with
     /// capped backoff, until it embeds (and is put back) or a request has
     /// put it back meanwhile. Ends with the embedder.
-    fn probe_back(&self, index: usize) {
+    fn probe_back(&self, endpoints: &Arc<Endpoints>, index: usize) {
         let client = Arc::clone(&self.client);
-        let endpoints = Arc::downgrade(&self.endpoints);
+        let endpoints = Arc::downgrade(endpoints);
         tokio::spawn(async move {
             let mut wait = PROBE_FIRST;
             loop {

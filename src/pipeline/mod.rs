@@ -165,6 +165,11 @@ impl Pipeline {
         }
     }
 
+    /// A reload's new `embed.url` (see [`Embedder::set_urls`]).
+    pub fn set_embed_urls(&self, urls: Vec<String>) {
+        self.embedder.set_urls(urls);
+    }
+
     /// After an outage: does the embedder embed again?
     pub async fn embedder_probe(&self) -> Result<(), String> {
         self.embedder.probe().await
@@ -332,6 +337,25 @@ impl Pipeline {
         })
         .await?;
         self.parser.parse(bytes, job.filename.clone()).await
+    }
+
+    /// How many records of the document Chroma holds (the dashboard's job
+    /// page): zero when the collection does not exist yet.
+    pub async fn records_of(&self, document_id: uuid::Uuid) -> Result<usize, String> {
+        let Some(collection) = self
+            .store
+            .existing_collection()
+            .await
+            .map_err(|e| e.message)?
+        else {
+            return Ok(0);
+        };
+        let filter = json!({"document_id": document_id.to_string()});
+        self.store
+            .get(&collection, &filter)
+            .await
+            .map(|records| records.len())
+            .map_err(|e| e.message)
     }
 
     pub async fn delete(&self, job: &JobSpec, ctx: &JobContext) -> Result<(), JobError> {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use deadpool_postgres::Pool;
+use tokio::sync::watch;
 
 use super::job::{Attempt, JobError};
 use super::retry::RetryPolicy;
@@ -96,18 +97,21 @@ impl Finished {
 
 pub struct Completer {
     cycle: WriteCycle,
+    /// A reload may change it while jobs run.
+    policy: watch::Receiver<RetryPolicy>,
 }
 
 impl Completer {
     /// `unkeyed` are the task types exempt from one-per-key exclusivity.
     pub fn new(
         worker_id: &str,
-        policy: RetryPolicy,
+        policy: watch::Receiver<RetryPolicy>,
         lease: Duration,
         unkeyed: &[&str],
     ) -> Completer {
         Completer {
-            cycle: WriteCycle::new(worker_id, policy.backoff(), lease, unkeyed),
+            cycle: WriteCycle::new(worker_id, lease, unkeyed),
+            policy,
         }
     }
 
@@ -121,7 +125,8 @@ impl Completer {
         paused: &[&str],
     ) -> Result<Cycle> {
         let ended: Vec<Ended<'_>> = finished.iter().map(Finished::ended).collect();
-        let cycle = self.cycle.run(pool, &ended, claim, paused).await?;
+        let backoff = self.policy.borrow().backoff();
+        let cycle = self.cycle.run(pool, &ended, backoff, claim, paused).await?;
         for (f, w) in finished.iter().zip(&cycle.written) {
             if *w == Written::Rejected {
                 tracing::warn!(job = %f.key.id, attempt = f.key.attempt,

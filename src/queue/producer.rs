@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use futures_util::FutureExt;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::completer::{Completer, Finished};
@@ -41,8 +41,8 @@ struct Report(Option<Finished>);
 
 pub struct Producer {
     pub pool: Pool,
-    /// The number of slots.
-    pub concurrency: usize,
+    /// The number of slots; a reload may change it while jobs run.
+    pub concurrency: watch::Receiver<usize>,
     pub executor: Arc<Executor>,
     /// A job leaves it once its outcome is written (the heartbeat renews
     /// its lease until then).
@@ -62,13 +62,18 @@ impl Producer {
     /// `abandon` makes it return at once, recording nothing more.
     pub async fn run(self, stop_claiming: CancellationToken, abandon: CancellationToken) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
-        let mut slots = Slots::new(self.concurrency);
+        let mut concurrency = self.concurrency.clone();
+        let mut slots = Slots::new(*concurrency.borrow_and_update());
         // Whether due jobs may be waiting: true until a claim comes back short.
         let mut busy = true;
         let mut next_poll = tokio::time::Instant::now() + jittered(self.poll_interval);
         let mut error_backoff = Duration::from_millis(100);
         loop {
             self.health.beat();
+            if concurrency.has_changed().unwrap_or(false) {
+                slots.resize(*concurrency.borrow_and_update());
+                busy = true;
+            }
             slots.take_due(Instant::now());
             let claiming = !stop_claiming.is_cancelled();
             if !claiming && slots.in_use() == 0 {
@@ -86,6 +91,11 @@ impl Producer {
                         }
                     }
                     _ = stop_claiming.cancelled(), if claiming => continue,
+                    _ = changed(&mut concurrency) => {
+                        slots.resize(*concurrency.borrow_and_update());
+                        busy = true;
+                        continue;
+                    }
                     _ = self.wake.notified(), if can_claim => busy = true,
                     _ = tokio::time::sleep_until(next_poll), if can_claim => {
                         busy = true;
@@ -188,6 +198,13 @@ impl Producer {
             tokio::time::sleep(delay).await;
             wake.notify_one();
         });
+    }
+}
+
+/// Resolves when the value changes; never, once its sender is gone.
+async fn changed(rx: &mut watch::Receiver<usize>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

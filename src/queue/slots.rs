@@ -72,9 +72,16 @@ impl Slots {
         self.in_use
     }
 
-    /// Slots free once the unwritten outcomes are recorded.
+    /// Slots free once the unwritten outcomes are recorded. None while
+    /// more jobs run than there are slots (the size was lowered by a
+    /// reload): they finish, and only then are jobs claimed again.
     pub fn free_after_write(&self) -> usize {
-        self.size.saturating_sub(self.in_use) + self.unwritten.len()
+        self.size.saturating_sub(self.in_use - self.unwritten.len())
+    }
+
+    /// A new number of slots (a reload). Running jobs keep theirs.
+    pub fn resize(&mut self, size: usize) {
+        self.size = size;
     }
 
     /// Whether every running job has reported: nothing more to gather.
@@ -106,7 +113,6 @@ impl Slots {
     pub fn cycle_done(&mut self, claimed: usize) -> Vec<Finished> {
         self.in_use -= self.unwritten.len();
         self.in_use += claimed;
-        debug_assert!(self.in_use <= self.size);
         std::mem::take(&mut self.unwritten)
     }
 }
@@ -232,5 +238,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn resizing_claims_more_at_once_or_none_until_running_jobs_fit() {
+        let mut s = Slots::new(2);
+        s.cycle_done(2);
+        assert_eq!(s.to_claim(true), 0);
+        s.resize(8);
+        assert_eq!(s.to_claim(true), 6);
+        s.cycle_done(6);
+        s.resize(3);
+        // Eight running, three slots: nothing claimed until five finish.
+        for n in 0..5 {
+            assert_eq!(s.to_claim(true), 0, "after {n} reports");
+            s.reported(finished(n));
+        }
+        assert_eq!(s.to_claim(true), 0, "five written leave three running");
+        s.reported(finished(5));
+        assert_eq!(s.to_claim(true), 1);
     }
 }

@@ -85,28 +85,27 @@ pub struct Backoff {
 /// The write cycle of one worker.
 pub struct WriteCycle {
     worker_id: String,
-    backoff: Backoff,
     lease_secs: f64,
     sql: String,
 }
 
 impl WriteCycle {
     /// `unkeyed` names the task types exempt from one-per-key exclusivity.
-    pub fn new(worker_id: &str, backoff: Backoff, lease: Duration, unkeyed: &[&str]) -> WriteCycle {
+    pub fn new(worker_id: &str, lease: Duration, unkeyed: &[&str]) -> WriteCycle {
         WriteCycle {
             worker_id: worker_id.to_owned(),
-            backoff,
             lease_secs: lease.as_secs_f64(),
             sql: statement("{limit}", unkeyed),
         }
     }
 
-    /// Records `ended` and claims up to `claim` due jobs, atomically, none
-    /// of a task type in `paused`.
+    /// Records `ended` (failures to retry after `backoff`) and claims up to
+    /// `claim` due jobs, atomically, none of a task type in `paused`.
     pub async fn run(
         &self,
         pool: &Pool,
         ended: &[Ended<'_>],
+        backoff: Backoff,
         claim: i64,
         paused: &[&str],
     ) -> Result<Cycle> {
@@ -135,8 +134,8 @@ impl WriteCycle {
             &outcomes,
             &kinds,
             &messages,
-            &self.backoff.base_secs,
-            &self.backoff.max_secs,
+            &backoff.base_secs,
+            &backoff.max_secs,
             &worker_id,
             &self.lease_secs,
             &paused,

@@ -10,6 +10,7 @@
 //! - `sweep`: the lease rescue and pruning;
 //! - `stats`: the queue snapshot;
 //! - `admin`: the operator's statements;
+//! - `dashboard`: what the web dashboard reads, and its batch retry;
 //! - `schema`: migrations (the SQL itself is in `sql/`);
 //! - `bench`: the benchmarks' statements.
 //!
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod bench;
 pub mod claim;
 pub mod cycle;
+pub mod dashboard;
 pub mod fence;
 pub mod schema;
 pub mod state;

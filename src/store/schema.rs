@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "filename_text",
         include_str!("../../sql/0007_filename_text.sql"),
     ),
+    (
+        8,
+        "job_list_index",
+        include_str!("../../sql/0008_job_list_index.sql"),
+    ),
 ];
 
 /// The schema version this binary needs.

@@ -544,7 +544,29 @@ async fn a_paused_worker_that_lost_its_job_leaves_the_document_whole() {
         |s| s.status == "processing" && s.completed > 0 && s.completed < s.total,
     )
     .await;
-    first.signal("STOP");
+    // Paused outside any transaction of its own: stopped inside one (its
+    // maintenance sweep, say) it would hold locks that the LOCK TABLE below
+    // waits for, while the test waits for the lock before waking it.
+    let own = format!("docworker %-{}-%", first.pid());
+    loop {
+        first.signal("STOP");
+        let open: i64 = stack
+            .db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name LIKE $1 AND state IN ('active', 'idle in transaction')",
+                &[&own],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            break;
+        }
+        first.signal("CONT");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     embedder.fault(json!({"mode": "clear"})).await;
 
     let second = stack.worker();

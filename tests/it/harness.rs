@@ -740,10 +740,11 @@ impl ActingWorker {
         ActingWorker {
             completer: docworker::queue::completer::Completer::new(
                 worker_id,
-                docworker::queue::retry::RetryPolicy {
+                tokio::sync::watch::channel(docworker::queue::retry::RetryPolicy {
                     base_delay: Duration::from_millis(200),
                     max_delay: Duration::from_secs(2),
-                },
+                })
+                .1,
                 Duration::from_secs(30),
                 &[docworker::tasks::NOOP],
             ),

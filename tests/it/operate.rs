@@ -1,6 +1,6 @@
 //! Running the worker as an operator does: the HTTP listener (`/healthz`,
 //! `/readyz`, `/metrics`), `worker health` and `worker stats`, and the
-//! systemd protocol (READY=1, WATCHDOG=1, STOPPING=1).
+//! systemd protocol (READY=1, WATCHDOG=1, RELOADING=1, STOPPING=1).
 
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
@@ -340,7 +340,7 @@ async fn a_dropped_listen_connection_is_counted_and_readiness_follows_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_systemd_it_reports_ready_feeds_the_watchdog_and_says_stopping() {
+async fn under_systemd_it_reports_ready_feeds_the_watchdog_reloads_and_says_stopping() {
     let stack = Stack::new().await;
     let dir = tempfile::tempdir().unwrap();
     let socket_path = dir.path().join("notify.sock");
@@ -370,6 +370,17 @@ async fn under_systemd_it_reports_ready_feeds_the_watchdog_and_says_stopping() {
                 .unwrap_or_else(|e| panic!("{e}; got {seen:?}; log:\n{}", worker.logs()));
             seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
+        // A reload (ExecReload's SIGHUP): RELOADING=1, then READY=1 again.
+        worker.signal("HUP");
+        let mut reloaded = Vec::new();
+        while !reloaded.iter().any(|m: &String| m.contains("READY=1")) {
+            let n = socket.recv(&mut buf).unwrap();
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if !message.contains("WATCHDOG=1") {
+                reloaded.push(message);
+            }
+        }
+        assert!(reloaded[0].starts_with("RELOADING=1\n"), "{reloaded:?}");
         worker.signal("TERM");
         loop {
             let n = socket.recv(&mut buf).unwrap();

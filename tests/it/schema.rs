@@ -100,14 +100,14 @@ async fn migrate_creates_everything_then_says_up_to_date() {
     let (code, out, err) = worker(&db.url, &["migrate"], &[]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     assert!(
-        out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7]"),
+        out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8]"),
         "{out}"
     );
     assert_schema_complete(&db.client).await;
 
     let (code, out, err) = worker(&db.url, &["migrate"], &[]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains("schema is up to date (version 7)"), "{out}");
+    assert!(out.contains("schema is up to date (version 8)"), "{out}");
 
     let rows = db
         .client
@@ -127,7 +127,8 @@ async fn migrate_creates_everything_then_says_up_to_date() {
             (4, "claim".to_string()),
             (5, "rollup_never_waits".to_string()),
             (6, "claim_skips_paused".to_string()),
-            (7, "filename_text".to_string())
+            (7, "filename_text".to_string()),
+            (8, "job_list_index".to_string())
         ]
     );
 }
@@ -151,7 +152,7 @@ async fn concurrent_migrations_apply_the_schema_once() {
     for run in runs {
         let (code, out, err) = run.await.unwrap();
         assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
-        if out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7]") {
+        if out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8]") {
             applied += 1;
         } else if out.contains("schema is up to date") {
             up_to_date += 1;
@@ -162,15 +163,15 @@ async fn concurrent_migrations_apply_the_schema_once() {
     assert_eq!((applied, up_to_date), (1, 3));
     assert_eq!(
         db.count("SELECT count(*) FROM docworker_migrations").await,
-        7
+        8
     );
     assert_schema_complete(&db.client).await;
     // Applied once: one claim index, one rollup trigger.
     assert_eq!(
         db.count("SELECT count(*) FROM pg_indexes WHERE tablename = 'job_tasks'")
             .await,
-        6,
-        "pkey + claim + lease + batch + finished + running document"
+        7,
+        "pkey + claim + lease + batch + finished + running document + listing"
     );
 }
 
@@ -268,7 +269,7 @@ async fn migrate_adopts_the_legacy_tables_and_keeps_every_row() {
     let (code, out, err) = worker(&db.url, &["migrate"], &[]).await;
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     assert!(
-        out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7]"),
+        out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8]"),
         "{out}"
     );
     assert_schema_complete(c).await;

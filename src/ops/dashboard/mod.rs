@@ -47,9 +47,9 @@ use crate::pipeline::Pipeline;
 use crate::queue::health::Health;
 use crate::queue::outage::Outages;
 use crate::queue::TaskHandler;
+use crate::store;
 use crate::store::dashboard::{self as sql, Cursor, JobFilter};
 use crate::store::stats::QueueSnapshot;
-use crate::store::{self};
 
 /// How often `/ui/events` sends an update.
 pub const LIVE_EVERY: Duration = Duration::from_secs(1);
